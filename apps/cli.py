@@ -1,0 +1,185 @@
+"""The ``ondevice`` command line. It parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from ..errors import OndeviceError
+
+SAMPLING_OPTIONS = [
+    click.option("--temperature", type=float, default=0.7, show_default=True,
+                 help="0 for greedy decoding."),
+    click.option("--top-p", type=float, default=0.95, show_default=True),
+    click.option("--top-k", type=int, default=0, show_default=True, help="0 disables."),
+    click.option("--min-p", type=float, default=0.0, show_default=True),
+    click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+    click.option("--seed", type=int, default=None, help="Same seed, same output."),
+]
+MODEL_OPTIONS = [
+    click.option("--model", "-m", default=None,
+                 help="Model directory or .gguf file [default: SmolLM2-135M-Instruct]."),
+    click.option("--backend", "-b", default="auto", show_default=True),
+    click.option("--kv-memory", default=None, help="KV cache budget, e.g. 256MiB."),
+]
+
+
+def _options(options):
+    def wrap(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return wrap
+
+
+class _Group(click.Group):
+    """Turns the project's errors into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OndeviceError as err:
+            msg = " ".join(str(err).split("\n"))
+            raise click.ClickException(msg) from None
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="ondevice")
+def cli() -> None:
+    """ondevice: run language models on this machine."""
+
+
+def _params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, **extra):
+    from ..sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repeat_penalty, seed=seed, **extra,
+    )
+
+
+def _load(model, backend, kv_memory):
+    from .. import load
+
+    return load(model, backend, kv_memory=kv_memory)
+
+
+@cli.command()
+@_options(MODEL_OPTIONS + SAMPLING_OPTIONS)
+@click.option("--system", "-s", default=None, help="System prompt.")
+@click.option("--max-tokens", "-n", type=int, default=512, show_default=True)
+def chat(model, backend, kv_memory, system, max_tokens, **sampling) -> None:
+    """Chat with a model. Without a terminal, reads stdin as one message and prints the reply."""
+    from ..chat import ChatSession
+    from .repl import run_repl
+
+    params = _params(max_tokens, **sampling)
+    session = ChatSession(_load(model, backend, kv_memory), params, system=system)
+    if not sys.stdin.isatty():
+        text = sys.stdin.read().strip()
+        if not text:
+            raise click.ClickException("stdin is empty: nothing to reply to")
+        for chunk in session.send(text):
+            click.echo(chunk.text, nl=False)
+        click.echo()
+        return
+    run_repl(session)
+
+
+@cli.command()
+@_options(MODEL_OPTIONS + SAMPLING_OPTIONS)
+@click.option("--prompt", "-p", required=True, help="The prompt (a user message unless --raw).")
+@click.option("--raw", is_flag=True, help="Complete the prompt as it is, without the chat template.")
+@click.option("--system", "-s", default=None, help="System prompt (chat mode).")
+@click.option("--max-tokens", "-n", type=int, default=256, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not printed.")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
+def generate(model, backend, kv_memory, prompt, raw, system, max_tokens, stop, ignore_eos,
+             as_json, **sampling) -> None:
+    """Generate a reply to one prompt."""
+    params = _params(max_tokens, stop=stop, ignore_eos=ignore_eos, **sampling)
+    m = _load(model, backend, kv_memory)
+    if raw:
+        ids = m.encode_prompt(prompt)
+    else:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        ids = m.encode_prompt(msgs)
+    t0 = time.perf_counter()
+    out_ids, texts, finish = [], [], None
+    for chunk in m.stream(ids, params):
+        if chunk.token_id is not None:
+            out_ids.append(chunk.token_id)
+        texts.append(chunk.text)
+        finish = chunk.finish_reason or finish
+        if not as_json:
+            click.echo(chunk.text, nl=False)
+    if not as_json:
+        click.echo()
+        return
+    t = m.timings
+    click.echo(json.dumps({
+        "model": str(m.path), "backend": m.backend, "prompt_ids": ids, "generated_ids": out_ids,
+        "text": "".join(texts), "finish_reason": finish,
+        "timings": {
+            "prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens,
+            "prefill_seconds": round(t.prefill_seconds, 6), "decode_seconds": round(t.decode_seconds, 6),
+            "prefill_tok_per_s": round(t.prefill_tps, 2), "decode_tok_per_s": round(t.decode_tps, 2),
+            "total_seconds": round(time.perf_counter() - t0, 6),
+        },
+    }, ensure_ascii=False))
+
+
+@cli.command()
+@click.argument("src")
+@click.option("--output", "-o", "out", required=True, help="Output model directory.")
+@click.option("--quantize", "-q", type=click.Choice(["f32", "f16", "q8", "q4"]), default="f32",
+              show_default=True)
+@click.option("--group-size", type=int, default=64, show_default=True,
+              help="Quantization group size (MLX affine).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert(src, out, quantize, group_size, force) -> None:
+    """Convert a GGUF file or a Hugging Face directory into an ondevice model directory."""
+    from ..converters import convert as run_convert
+
+    path = run_convert(src, out, quantize=quantize, group_size=group_size, force=force)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def info(model, as_json) -> None:
+    """Describe a model directory (default: the embedded model)."""
+    from ..info import model_info
+
+    data = model_info(model)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            click.echo(f"{key:>22}: {value}")
+
+
+@cli.command()
+def backends() -> None:
+    """List the backends and whether each can run here."""
+    from ..backends import available_backends
+
+    for name, (ok, detail) in available_backends().items():
+        click.echo(f"{name:8} {'available' if ok else 'unavailable'}  {detail}")
+
+
+def main() -> None:
+    cli(prog_name="ondevice")
+
+
+if __name__ == "__main__":
+    main()

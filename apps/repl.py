@@ -1,0 +1,70 @@
+"""The interactive side of ``ondevice chat``: prompt, slash commands, streaming, Ctrl-C."""
+
+from __future__ import annotations
+
+import click
+
+from ..chat import ChatSession
+from ..errors import OndeviceError
+
+HELP = """commands:
+  /help          this help
+  /reset         forget the conversation (keeps the system prompt)
+  /system TEXT   set the system prompt (and reset)
+  /stats         tokens, speed and KV cache use
+  /quit          leave (Ctrl-D works too)
+Ctrl-C stops the current reply."""
+
+
+def run_repl(session: ChatSession) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    click.echo(f"ondevice chat with {session.model.path.name} on {session.model.backend} "
+               "(/help for commands)", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo("\n(/quit or Ctrl-D to leave)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/quit", "/exit", "/bye"):
+                return
+            if cmd == "/help":
+                click.echo(HELP)
+            elif cmd == "/reset":
+                session.reset()
+                click.echo("(conversation cleared)")
+            elif cmd == "/system":
+                session.system = arg.strip() or None
+                session.reset()
+                click.echo("(system prompt set; conversation cleared)")
+            elif cmd == "/stats":
+                for key, value in session.stats().items():
+                    click.echo(f"  {key}: {value}")
+            else:
+                click.echo(f"unknown command {cmd} (/help lists them)")
+            continue
+        stream = session.send(text)
+        try:
+            for chunk in stream:
+                click.echo(chunk.text, nl=False)
+            click.echo()
+        except KeyboardInterrupt:
+            stream.close()
+            click.echo("\n(stopped)")
+        except OndeviceError as err:
+            click.echo(f"error: {err}", err=True)
+            continue
+        if session.last.dropped_messages:
+            click.echo(f"(the conversation outgrew the context: dropped the oldest "
+                       f"{session.last.dropped_messages} messages)", err=True)

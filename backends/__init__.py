@@ -1,0 +1,61 @@
+"""Backends, discovered by name: ``ondevice.backends.<name>_backend`` defines ``BACKEND``.
+
+A backend module is imported only when asked for, so a missing driver (no MLX, no GPU adapter,
+not macOS) drops that backend with a reason instead of failing ``import ondevice``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import BackendUnavailableError
+
+# In order of preference for backend="auto".
+KNOWN = ("numpy", "mlx", "wgpu", "coreml")
+AUTO_ORDER = ("numpy",)
+
+
+def backend_class(name: str):
+    """The Backend subclass for ``name``; BackendUnavailableError when it cannot run here."""
+    if name not in KNOWN:
+        raise BackendUnavailableError(f"unknown backend {name!r} (known: {', '.join(KNOWN)})")
+    try:
+        module = importlib.import_module(f"{__name__}.{name}_backend")
+    except ModuleNotFoundError as err:
+        if err.name == f"{__name__}.{name}_backend":
+            raise BackendUnavailableError(
+                f"backend {name!r} is not implemented in this version of ondevice"
+            ) from None
+        raise BackendUnavailableError(f"backend {name!r} needs {err.name!r}, which is not installed") from None
+    except ImportError as err:
+        raise BackendUnavailableError(f"backend {name!r} failed to import: {err}") from None
+    cls = module.BACKEND
+    ok, why = cls.availability()
+    if not ok:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {why}")
+    return cls
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Every known backend: (available, device or the reason it is not)."""
+    out = {}
+    for name in KNOWN:
+        try:
+            out[name] = (True, backend_class(name).availability()[1])
+        except BackendUnavailableError as err:
+            out[name] = (False, str(err))
+    return out
+
+
+def resolve(name: str = "auto") -> str:
+    """Pick a concrete backend name; ``auto`` takes the first available in preference order."""
+    if name != "auto":
+        backend_class(name)
+        return name
+    for candidate in AUTO_ORDER:
+        try:
+            backend_class(candidate)
+            return candidate
+        except BackendUnavailableError:
+            continue
+    raise BackendUnavailableError("no backend is available")

@@ -1,0 +1,150 @@
+"""The NumPy reference backend: float32, eager, and as plain as correctness allows.
+
+Quantized weights are dequantized at load. The KV pool is one array
+``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``; attention gathers each sequence's
+K/V through its block table, so prefill chunks and decode rows share one code path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..batch import BatchInput
+from ..modeldir import ModelDir, QuantizedTensor
+from .base import Backend
+
+F32 = np.float32
+
+
+def _dense(w) -> np.ndarray:
+    if isinstance(w, QuantizedTensor):
+        return w.dequantize()
+    return np.ascontiguousarray(w, dtype=F32)
+
+
+class _Linear:
+    __slots__ = ("w", "b")
+
+    def __init__(self, w: np.ndarray, b: np.ndarray | None):
+        self.w = w  # [out, in] float32, C-contiguous
+        self.b = b
+
+
+class NumpyLoader:
+    def embedding(self, w) -> np.ndarray:
+        return _dense(w)
+
+    def linear(self, w, bias) -> _Linear:
+        return _Linear(_dense(w), None if bias is None else np.asarray(bias, dtype=F32))
+
+    def norm(self, w) -> np.ndarray:
+        return np.asarray(w, dtype=F32)
+
+    def tied_lm_head(self, embed: np.ndarray, w) -> _Linear:
+        return _Linear(embed, None)  # shares the embedding's memory
+
+
+class NumpyOps:
+    """Every op of the ``Ops`` protocol on float32 NumPy arrays."""
+
+    def __init__(self, kv: np.ndarray, block_size: int, max_positions: int, inv_freq: np.ndarray):
+        self.kv = kv
+        self.block_size = block_size
+        # cos/sin for every position up to the context length, looked up by index per step.
+        angles = np.arange(max_positions, dtype=F32)[:, None] * inv_freq[None, :]
+        self.cos, self.sin = np.cos(angles), np.sin(angles)
+
+    def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return table[ids]
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=F32)
+        return x * (1 / np.sqrt(ms + F32(eps))) * weight
+
+    def linear(self, x: np.ndarray, w: _Linear) -> np.ndarray:
+        if x.shape[0] == 1:  # decode: matrix-vector product, no GEMM set-up
+            y = (w.w @ x[0])[None]
+        else:
+            y = x @ w.w.T
+        if w.b is not None:
+            y += w.b
+        return y
+
+    def rope(self, x, positions, inv_freq, heads, head_dim) -> np.ndarray:
+        t, half = x.shape[0], head_dim // 2
+        x = x.reshape(t, heads, head_dim)
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        x1, x2 = x[..., :half], x[..., half:]
+        out = np.empty_like(x)
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half:] = x2 * cos + x1 * sin
+        return out.reshape(t, heads * head_dim)
+
+    def write_kv(self, layer, k, v, slot_mapping) -> None:
+        _, _, nb, bs, kvh, hd = self.kv.shape
+        flat = self.kv[layer].reshape(2, nb * bs, kvh, hd)
+        flat[0, slot_mapping] = k.reshape(-1, kvh, hd)
+        flat[1, slot_mapping] = v.reshape(-1, kvh, hd)
+
+    def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale):
+        t, g, bs = q.shape[0], heads // kv_heads, self.block_size
+        out = np.empty((t, kv_heads, g, head_dim), dtype=F32)
+        q = q.reshape(t, kv_heads, g, head_dim)
+        cache = self.kv[layer]
+        qsl, lens, pos = batch.query_start_loc, batch.seq_lens, batch.positions
+        for s in range(batch.num_seqs):
+            start, end, length = int(qsl[s]), int(qsl[s + 1]), int(lens[s])
+            if end == start:
+                continue
+            blocks = batch.block_tables[s, : -(-length // bs)]
+            k = cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length]  # gather: [L, kvh, hd]
+            v = cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length]
+            qs = q[start:end].transpose(1, 2, 0, 3)  # [kvh, g, n, hd]
+            scores = qs @ k.transpose(1, 2, 0)[:, None]  # [kvh, g, n, L]
+            scores *= F32(scale)
+            # Causal: the query at position p sees keys 0..p of its own sequence.
+            future = np.arange(length)[None, :] > pos[start:end, None]
+            if future.any():
+                scores[..., future] = -np.inf
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            out[start:end] = (scores @ v.transpose(1, 0, 2)[:, None]).transpose(2, 0, 1, 3)
+        return out.reshape(t, heads * head_dim)
+
+    def silu_mul(self, gate, up) -> np.ndarray:
+        with np.errstate(over="ignore"):  # exp overflow for very negative gates -> silu = -0
+            return gate / (1 + np.exp(-gate)) * up
+
+    def add(self, a, b) -> np.ndarray:
+        return a + b
+
+    def take_rows(self, x, rows) -> np.ndarray:
+        return x[rows]
+
+    def logits(self, x, lm_head: _Linear) -> np.ndarray:
+        return self.linear(x, lm_head)
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16):
+        super().__init__(model, num_blocks=num_blocks, block_size=block_size)
+        c = self.config
+        self.params = self.model.load_params(model, NumpyLoader())
+        shape = (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.kv = np.zeros(shape, dtype=F32)
+        self.kv[...] = 0  # fault every page in now, not during the first requests
+        self.ops = NumpyOps(self.kv, block_size, c.max_position_embeddings, self.model.inv_freq)
+
+    def forward(self, batch: BatchInput) -> np.ndarray:
+        return self.model.forward(self.ops, self.params, batch)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs:
+            src, dst = np.array(pairs, dtype=np.int64).T
+            self.kv[:, :, dst] = self.kv[:, :, src]
+
+
+BACKEND = NumpyBackend

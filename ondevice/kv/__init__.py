@@ -1,0 +1,5 @@
+"""KV cache block management (pure Python: no arrays live here)."""
+
+from .simple import SimpleBlockAllocator
+
+__all__ = ["SimpleBlockAllocator"]

@@ -1,0 +1,111 @@
+"""The embedding API on a tiny model: generation, streaming, limits, and no leaked KV blocks."""
+
+import pytest
+
+import ondevice
+from ondevice.errors import BackendUnavailableError, RequestError, SamplingError
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return ondevice.load(tiny_model_dir, backend="numpy", kv_memory="4MiB")
+
+
+def _free(model):
+    return model.runtime.allocator.num_free
+
+
+def test_greedy_is_deterministic_and_stream_matches_generate(model):
+    before = _free(model)
+    a = model.generate("The capital of France", max_tokens=12, temperature=0)
+    chunks = list(model.stream("The capital of France", max_tokens=12, temperature=0))
+    assert "".join(c.text for c in chunks) == a
+    assert chunks[-1].finish_reason == "length" and len(chunks) == 12
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert _free(model) == before
+
+
+def test_seeded_sampling_reproducible(model):
+    kw = dict(max_tokens=16, temperature=1.0, ignore_eos=True)
+    a = [c.token_id for c in model.stream("Hello", seed=7, **kw)]
+    b = [c.token_id for c in model.stream("Hello", seed=7, **kw)]
+    c = [c.token_id for c in model.stream("Hello", seed=8, **kw)]
+    assert a == b and a != c
+
+
+def test_chat_messages_use_template(model):
+    ids = model.encode_prompt([{"role": "user", "content": "hi"}])
+    text = model.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("assistant\n")
+
+
+def test_stop_token_and_eos(model):
+    first = next(iter(model.stream("Once upon", max_tokens=5, temperature=0))).token_id
+    chunks = list(model.stream("Once upon", max_tokens=5, temperature=0, stop_token_ids=[first]))
+    assert len(chunks) == 1 and chunks[0].finish_reason == "stop"
+
+
+def test_stop_string_not_emitted(model):
+    full = model.generate("The capital", max_tokens=20, temperature=0, ignore_eos=True)
+    visible = full.strip()
+    if len(visible) < 4:
+        pytest.skip(f"random tiny model produced too little visible text: {full!r}")
+    stop = visible[2:4]
+    cut = full[: full.index(stop)]
+    chunks = list(model.stream("The capital", max_tokens=20, temperature=0, ignore_eos=True,
+                               stop=[stop]))
+    assert "".join(c.text for c in chunks) == cut
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_logprobs(model):
+    chunks = list(model.stream("Hello", max_tokens=3, temperature=0, logprobs=3))
+    for c in chunks:
+        assert c.logprob is not None and len(c.top_logprobs) == 3
+        assert c.top_logprobs[0][0] == c.token_id  # greedy picks the most likely token
+
+
+def test_early_close_frees_blocks(model):
+    before = _free(model)
+    stream = model.stream("Hello world", max_tokens=50, temperature=0)
+    next(stream)
+    assert _free(model) < before
+    stream.close()
+    assert _free(model) == before
+
+
+def test_prompt_longer_than_pool_rejected_before_allocation(model):
+    before = _free(model)
+    with pytest.raises(RequestError, match="prompt has"):
+        model.generate([5] * (model.runtime.context_limit + 10), max_tokens=2)
+    assert _free(model) == before
+
+
+def test_out_of_vocab_ids_rejected(model):
+    with pytest.raises(RequestError, match="token ids"):
+        model.generate([model.config.vocab_size + 5], max_tokens=2)
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"max_tokens": 0},
+                                 {"top_k": -3}, {"min_p": 2}])
+def test_bad_sampling_params(model, bad):
+    with pytest.raises(SamplingError):
+        model.generate("hi", **bad)
+
+
+def test_unknown_backend(tiny_model_dir):
+    with pytest.raises(BackendUnavailableError, match="unknown backend"):
+        ondevice.load(tiny_model_dir, backend="tpu")
+
+
+def test_missing_tokenizer_is_clear(tmp_path):
+    from tiny import write_model
+
+    write_model(tmp_path, tokenizer=False)
+    with pytest.raises(ondevice.TokenizerError, match="tokenizer.json"):
+        ondevice.load(tmp_path)
+
+
+def test_missing_model_path():
+    with pytest.raises(ondevice.OndeviceError, match="not found"):
+        ondevice.load("/nonexistent/model")

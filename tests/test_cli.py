@@ -1,0 +1,134 @@
+"""The CLI through click's runner and as a real subprocess (pipes and a pseudo-terminal)."""
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from ondevice.apps.cli import cli
+
+CLI = [sys.executable, "-m", "ondevice"]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def test_backends_lists_numpy():
+    r = run("backends")
+    assert r.exit_code == 0
+    assert "numpy" in r.output and "available" in r.output
+
+
+def test_info(tiny_model_dir):
+    r = run("info", str(tiny_model_dir), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["layers"] == 2 and data["architecture"] == "llama"
+
+
+def test_generate_json(tiny_model_dir):
+    r = run("generate", "-m", str(tiny_model_dir), "-p", "hi", "-n", "5", "--temperature", "0",
+            "--json", "--ignore-eos")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert len(data["generated_ids"]) == 5 and data["finish_reason"] == "length"
+    assert data["prompt_ids"][0] == 1  # <|im_start|> from the chat template
+    assert data["timings"]["generated_tokens"] == 5
+
+
+def test_generate_raw_differs_from_chat(tiny_model_dir):
+    args = ["generate", "-m", str(tiny_model_dir), "-p", "hi", "-n", "3", "--temperature", "0",
+            "--json"]
+    raw = json.loads(run(*args, "--raw").output)
+    chat = json.loads(run(*args).output)
+    assert raw["prompt_ids"] != chat["prompt_ids"]
+
+
+def test_chat_reads_stdin_when_not_a_tty(tiny_model_dir):
+    r = run("chat", "-m", str(tiny_model_dir), "-n", "4", "--temperature", "0",
+            input="Hello there\n")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "-m", "/nonexistent", "-p", "x"], "not found"),
+        (["generate", "-p", "x", "--temperature", "-1", "-m", "{tiny}"], "temperature"),
+        (["generate", "-p", "x", "--backend", "nope", "-m", "{tiny}"], "unknown backend"),
+        (["info", "{broken}"], "not valid JSON"),
+    ],
+)
+def test_errors_are_one_line_exit_1(tiny_model_dir, tmp_path, args, message):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    args = [a.format(tiny=tiny_model_dir, broken=broken) for a in args]
+    p = subprocess.run(CLI + args, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_subprocess_generate_and_piped_chat(tiny_model_dir):
+    p = subprocess.run(CLI + ["generate", "-m", str(tiny_model_dir), "-p", "hi", "-n", "3",
+                              "--seed", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["generated_ids"]) <= 3
+    p = subprocess.run(CLI + ["chat", "-m", str(tiny_model_dir), "-n", "3"], input="hello",
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def _read_until(fd, marker: bytes, timeout=60.0) -> bytes:
+    buf = b""
+    end = time.monotonic() + timeout
+    while marker not in buf:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {buf[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_interactive_repl_in_a_terminal(tiny_model_dir):
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the real CLI on a pseudo-terminal
+        os.execv(sys.executable, CLI + ["chat", "-m", str(tiny_model_dir), "-n", "4",
+                                        "--system", "be brief"])
+    try:
+        _read_until(fd, b">>> ")
+        os.write(fd, b"/help\n")
+        assert b"/reset" in _read_until(fd, b">>> ")
+        os.write(fd, b"Hello\n")
+        _read_until(fd, b">>> ")
+        os.write(fd, b"/stats\n")
+        out = _read_until(fd, b">>> ")
+        assert b"kv_blocks_total" in out and b"messages: 2" in out
+        os.write(fd, b"/reset\n")
+        assert b"cleared" in _read_until(fd, b">>> ")
+        os.write(fd, b"/quit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
