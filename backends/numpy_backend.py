@@ -19,7 +19,7 @@ F32 = np.float32
 def _dense(w) -> np.ndarray:
     if isinstance(w, QuantizedTensor):
         return w.dequantize()
-    return np.ascontiguousarray(w, dtype=F32)
+    return np.array(w, dtype=F32, order="C")  # a private copy: anonymous memory, huge pages
 
 
 class _Linear:
@@ -35,10 +35,10 @@ class NumpyLoader:
         return _dense(w)
 
     def linear(self, w, bias) -> _Linear:
-        return _Linear(_dense(w), None if bias is None else np.asarray(bias, dtype=F32))
+        return _Linear(_dense(w), None if bias is None else _dense(bias))
 
     def norm(self, w) -> np.ndarray:
-        return np.asarray(w, dtype=F32)
+        return _dense(w)
 
     def tied_lm_head(self, embed: np.ndarray, w) -> _Linear:
         return _Linear(embed, None)  # shares the embedding's memory

@@ -100,6 +100,9 @@ class Runtime:
         if num_blocks < 1:
             raise RequestError(f"KV memory {budget} bytes is less than one block ({per_block} bytes)")
         self.backend = cls(model_dir, num_blocks=num_blocks, block_size=block_size)
+        # The backend holds its own copy of the weights now: unmap the files so that their
+        # pages stop counting against this process.
+        model_dir.close()
         self.allocator = SimpleBlockAllocator(num_blocks, block_size)
         self.timings = Timings()
 

@@ -91,8 +91,13 @@ class SafetensorsFile:
         return arr
 
     def close(self) -> None:
-        # Views handed out keep the map alive through their buffer; closing the file is enough.
+        """Close the file; the map too unless arrays handed out still view it."""
         self._fh.close()
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # live views keep the map (and their data) valid
+                pass
 
     def __enter__(self) -> SafetensorsFile:
         return self
