@@ -76,5 +76,5 @@ class Backend(ABC):
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy the KV of block ``src`` into block ``dst`` for each pair (copy-on-write)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook: most backends free on GC)
         """Release device memory."""

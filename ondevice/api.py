@@ -114,5 +114,5 @@ def load(
     """
     path = resolve_model(model, quiet=quiet)
     runtime = Runtime(ModelDir(path), backend, kv_memory=kv_memory, block_size=block_size)
-    runtime.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat
+    _ = runtime.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat
     return Model(runtime, path)

@@ -90,6 +90,16 @@ class SafetensorsFile:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
 
+    def release_pages(self) -> None:
+        """Drop the file pages read so far from this process's resident set (they stay in the
+        page cache); a streaming reader calls this after each tensor to bound its peak RSS."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # not supported here, or already closed: harmless
+            pass
+
     def close(self) -> None:
         """Close the file; the map too unless arrays handed out still view it."""
         self._fh.close()
@@ -156,7 +166,7 @@ def _read_header(fh, size: int, path: Path) -> tuple[dict, dict[str, str], int]:
             )
         spans.append((begin, end, name))
     spans.sort()
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
         if begin_b < end_a:
             raise ModelFormatError(f"{path}: tensors {a!r} and {b!r} overlap")
     return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
@@ -248,7 +258,8 @@ class SafetensorsWriter:
             raise ValueError(
                 f"expected {exp_name} {dt} {shape}, got {name} {array.dtype} {tuple(array.shape)}"
             )
-        self._fh.write(np.ascontiguousarray(array).tobytes())
+        # A byte view, not tobytes(): no second copy of a large tensor in memory.
+        self._fh.write(memoryview(np.ascontiguousarray(array)).cast("B"))
         self._next += 1
 
     def close(self) -> None:

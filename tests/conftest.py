@@ -6,6 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from realmodel import require_real_model  # noqa: E402
 from tiny import tiny_config, write_model  # noqa: E402
 
 
@@ -20,3 +21,31 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     # Tests never touch the user's cache, except the shared converted default model.
     if "ONDEVICE_HOME" not in os.environ:
         monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "smollm2_135m_greedy.json"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(tmp_path_factory) -> Path:
+    """The default model converted at float32 (once per session unless ONDEVICE_HOME has it)."""
+    require_real_model()
+    from ondevice.default_model import default_model_dir
+
+    home = os.environ.get("ONDEVICE_HOME")
+    mp = pytest.MonkeyPatch()
+    if not home:
+        mp.setenv("ONDEVICE_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+    try:
+        return default_model_dir(quiet=True)
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def golden_cases() -> list[dict]:
+    import json
+
+    if not GOLDEN.is_file():
+        pytest.fail(f"golden file missing: {GOLDEN}")
+    return json.loads(GOLDEN.read_text())["cases"]

@@ -132,3 +132,42 @@ def test_interactive_repl_in_a_terminal(tiny_model_dir):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_convert_cli_errors_and_force(tmp_path):
+    from gguf_fixtures import write_gguf
+
+    src = write_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "out"
+    r = subprocess.run(CLI + ["convert", str(src), "-o", str(out), "-q", "q8", "--group-size", "32"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").is_file()
+    r = subprocess.run(CLI + ["convert", str(src), "-o", str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "--force" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(CLI + ["convert", str(src), "-o", str(out), "--force"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # The converted model runs.
+    r = run("generate", "-m", str(out), "-p", "hi", "-n", "2", "--json")
+    assert r.exit_code == 0, r.output
+    # A truncated GGUF: one line, exit 1.
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(src.read_bytes()[:200])
+    r = subprocess.run(CLI + ["convert", str(bad), "-o", str(tmp_path / "o2")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def test_model_gguf_path_is_converted_once(tmp_path, monkeypatch):
+    from gguf_fixtures import write_gguf
+
+    src = write_gguf(tmp_path / "m.gguf")
+    monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
+    for _ in range(2):
+        r = run("generate", "-m", str(src), "-p", "hi", "-n", "2", "--json")
+        assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "home" / "models").iterdir())) == 1
