@@ -8,8 +8,8 @@ from tiny import random_weights, tiny_config, write_model
 from ondevice.backends.numpy_backend import NumpyBackend
 from ondevice.batch import BatchInput
 from ondevice.config import ModelConfig
-from ondevice.models.llama import rope_inv_freq
 from ondevice.modeldir import ModelDir
+from ondevice.models.llama import rope_inv_freq
 
 LLAMA3_SCALING = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
