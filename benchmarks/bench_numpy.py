@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import time
 
 import numpy as np
 
 import ondevice
+from ondevice.memory import peak_rss_bytes
 from ondevice.sampling import SamplingParams
 
 
@@ -103,11 +103,10 @@ def main() -> None:
     prompt = [int(t) for t in rng.integers(100, model.config.vocab_size, args.prompt_tokens)
               if int(t) not in special]
     params = SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True)
-    for _ in model.runtime.generate_ids(prompt[:16], SamplingParams(max_tokens=4, temperature=0)):
-        pass  # warm-up
+    model.generate(prompt[:16], max_tokens=4, temperature=0)  # warm-up
     runs = []
     for _ in range(2):
-        n = sum(1 for _ in model.runtime.generate_ids(prompt, params))
+        n = sum(1 for _ in model.stream(prompt, params))
         t = model.timings
         runs.append({"prefill_tok_per_s": t.prefill_tps, "decode_tok_per_s": t.decode_tps,
                      "generated": n})
@@ -129,7 +128,7 @@ def main() -> None:
         "gemv_bandwidth_gb_per_s": round(gbps, 2),
         "gemv_roofline_tok_per_s": round(roof, 2),
         "decode_fraction_of_roofline": round(best["decode_tok_per_s"] / roof, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
     }
     print(json.dumps(out, indent=2))
 

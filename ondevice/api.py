@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,10 @@ from typing import Any
 from .default_model import resolve_model
 from .errors import RequestError
 from .modeldir import ModelDir
-from .runtime import Runtime, Timings
+from .runtime import Runtime
 from .sampling import SamplingParams
-from .tokenizer import IncrementalDetokenizer
 
-Prompt = str | Sequence[dict[str, Any]]
+Prompt = str | Sequence[dict[str, Any]] | list[int]
 
 
 @dataclass(frozen=True)
@@ -23,18 +23,42 @@ class Chunk:
     """One streamed piece of a reply."""
 
     text: str  # new text (may be "" while a multi-byte character or a stop string is pending)
-    token_id: int | None  # None for a final flush of held-back text
-    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    token_id: int | None
+    finish_reason: str | None = None  # "stop" or "length" on a sample's last chunk
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    index: int = 0  # which sample, for n > 1
+
+
+@dataclass
+class Timings:
+    """Token counts and timings of one generation."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0  # submission to first token
+    decode_seconds: float = 0.0  # first token to last token
+
+    @property
+    def prefill_tps(self) -> float:
+        computed = self.prompt_tokens - self.cached_prompt_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        steps = max(self.generated_tokens - 1, 0)  # the first token comes from the prefill
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
 class Model:
-    """A model ready to generate. Build it with :func:`ondevice.load`."""
+    """A model ready to generate. Build it with :func:`ondevice.load`. Thread-safe: requests
+    from several threads are batched together by the engine."""
 
     def __init__(self, runtime: Runtime, path: Path):
         self.runtime = runtime
         self.path = path
+        self.timings = Timings()  # of the last generation that finished in this thread's call
 
     @property
     def tokenizer(self):
@@ -48,50 +72,60 @@ class Model:
     def backend(self) -> str:
         return self.runtime.backend_name
 
-    @property
-    def timings(self) -> Timings:
-        """Token counts and timings of the last generation."""
-        return self.runtime.timings
-
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids for a raw text prompt, or for chat messages through the chat template."""
+        """Token ids for raw text, for chat messages (through the chat template), or ids."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+        prompt = list(prompt)
+        if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> Iterator[Chunk]:
         """Stream the reply to ``prompt``.
 
-        ``prompt`` is raw text (completed as it is) or a list of chat messages
-        (``{"role": ..., "content": ...}``, rendered with the model's chat template).
-        Sampling options are :class:`SamplingParams` fields, given as keywords or as ``params``.
+        ``prompt`` is raw text (completed as it is), a list of chat messages
+        (``{"role": ..., "content": ...}``, rendered with the model's chat template), or token
+        ids. Sampling options are :class:`SamplingParams` fields, given as keywords or as
+        ``params``. Closing the iterator early cancels the request and frees its KV blocks.
         """
         if params is None:
             params = SamplingParams(**sampling)
         elif sampling:
             raise RequestError("pass sampling options either as params or as keywords, not both")
-        ids = prompt if _is_token_ids(prompt) else self.encode_prompt(prompt)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True, stop=params.stop)
-        steps = self.runtime.generate_ids(list(ids), params)
-        try:
-            for step in steps:
-                text = detok.add(step.token_id)
-                if detok.stopped:
-                    yield Chunk(text, step.token_id, "stop", step.logprob, step.top_logprobs)
-                    return
-                if step.finish_reason:
-                    text += detok.flush()
-                yield Chunk(text, step.token_id, step.finish_reason, step.logprob, step.top_logprobs)
-        finally:
-            steps.close()  # frees the KV blocks even when the caller stops early
+        ids = self.encode_prompt(prompt)
+        t = Timings(prompt_tokens=len(ids))
+        start = time.perf_counter()
+        first = None
+        for out in self.runtime.sync.generate(ids, params):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                t.prefill_seconds = now - start
+                t.cached_prompt_tokens = out.num_cached_tokens
+            t.generated_tokens += len(out.token_ids)
+            t.decode_seconds = now - first
+            self.timings = t
+            yield Chunk(out.text, out.token_ids[0] if out.token_ids else None, out.finish_reason,
+                        out.logprob, out.top_logprobs, out.index)
 
-    def generate(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> str:
-        """The whole reply to ``prompt`` as a string (see :meth:`stream`)."""
-        return "".join(c.text for c in self.stream(prompt, params, **sampling))
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                 **sampling) -> str | list[str]:
+        """The whole reply to ``prompt`` (see :meth:`stream`); a list of replies when n > 1."""
+        texts: dict[int, list[str]] = {}
+        n = 1
+        for chunk in self.stream(prompt, params, **sampling):
+            texts.setdefault(chunk.index, []).append(chunk.text)
+            n = max(n, chunk.index + 1)
+        replies = ["".join(texts.get(i, [])) for i in range(n)]
+        return replies[0] if (params or SamplingParams(**sampling)).n == 1 else replies
 
+    def stats(self) -> dict:
+        """Engine metrics: running/waiting, KV blocks, utilization, prefix hits, tokens/s."""
+        return self.runtime.stats()
 
-def _is_token_ids(prompt) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+    def close(self) -> None:
+        self.runtime.close()
 
 
 def load(
@@ -100,6 +134,9 @@ def load(
     *,
     kv_memory: int | str | None = None,
     block_size: int = 16,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 512,
+    enable_prefix_caching: bool = True,
     quiet: bool = False,
 ) -> Model:
     """Load a model for generation.
@@ -109,10 +146,16 @@ def load(
             for the embedded default model (SmolLM2-135M-Instruct).
         backend: ``"auto"`` or a backend name (see ``ondevice backends``).
         kv_memory: KV cache budget in bytes or as text (``"256MiB"``); default: one full
-            context, at least 256 MiB.
+            context, at least 256 MiB, at most a quarter of the free memory.
         block_size: tokens per KV block.
+        max_num_seqs: sequences decoded together at most.
+        max_num_batched_tokens: tokens per engine step (longer prompts are chunked).
+        enable_prefix_caching: reuse the KV of shared prompt prefixes across requests.
     """
     path = resolve_model(model, quiet=quiet)
-    runtime = Runtime(ModelDir(path), backend, kv_memory=kv_memory, block_size=block_size)
-    _ = runtime.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat
+    md = ModelDir(path)
+    _ = md.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat
+    runtime = Runtime(md, backend, kv_memory=kv_memory, block_size=block_size,
+                      max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                      enable_prefix_caching=enable_prefix_caching)
     return Model(runtime, path)

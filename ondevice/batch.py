@@ -40,12 +40,13 @@ class BatchInput:
         cls,
         seqs: list[tuple[list[int], int, list[int]]],
         block_size: int,
-        logits_for: str = "last",
+        logits_for: str | list[bool] = "last",
     ) -> BatchInput:
         """Build a batch from ``(new_token_ids, num_computed_tokens, block_ids)`` per sequence.
 
         The new tokens of a sequence occupy positions ``num_computed .. num_computed + n - 1``;
-        ``logits_for="last"`` asks for the last new row of each sequence, ``"all"`` for every row.
+        ``logits_for="last"`` asks for the last new row of each sequence, ``"all"`` for every
+        row, and a list of booleans for the last row of the sequences marked True.
         """
         ids, pos, slots, lens, starts, rows = [], [], [], [], [0], []
         max_blocks = max((len(b) for _, _, b in seqs), default=0) or 1
@@ -61,7 +62,7 @@ class BatchInput:
             lens.append(computed + n)
             if logits_for == "all":
                 rows.extend(range(starts[-1], starts[-1] + n))
-            else:
+            elif logits_for == "last" or logits_for[s]:
                 rows.append(starts[-1] + n - 1)
             starts.append(starts[-1] + n)
         cat = (lambda parts: np.concatenate(parts).astype(np.int32)) if seqs else (

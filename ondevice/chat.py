@@ -16,6 +16,7 @@ class TurnStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    cached_prompt_tokens: int = 0
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
     dropped_messages: int = 0
@@ -80,6 +81,7 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(reply)})
             timings = self.model.timings
             self.last.generated_tokens = timings.generated_tokens
+            self.last.cached_prompt_tokens = timings.cached_prompt_tokens
             self.last.seconds = time.perf_counter() - t0
             self.last.prefill_tps = timings.prefill_tps
             self.last.decode_tps = timings.decode_tps
@@ -87,18 +89,16 @@ class ChatSession:
 
     def stats(self) -> dict[str, object]:
         rt = self.model.runtime
-        alloc = rt.allocator
         return {
             "backend": rt.backend_name,
             "messages": len(self.messages),
             "context_tokens": len(self._render(self.messages)) if self.messages else 0,
             "context_limit": rt.context_limit,
             "last_prompt_tokens": self.last.prompt_tokens,
+            "last_cached_prompt_tokens": self.last.cached_prompt_tokens,
             "last_generated_tokens": self.last.generated_tokens,
             "prefill_tok_per_s": round(self.last.prefill_tps, 1),
             "decode_tok_per_s": round(self.last.decode_tps, 1),
             "total_generated_tokens": self.total_generated,
-            "kv_blocks_total": alloc.num_blocks,
-            "kv_blocks_free": alloc.num_free,
-            "kv_block_size": alloc.block_size,
+            **self.model.stats(),
         }

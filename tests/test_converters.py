@@ -889,9 +889,10 @@ def test_real_qk_unpermutation_preserves_attention_scores(real_model, real_reade
 def test_real_conversion_config_time_and_memory(tmp_path):
     out = tmp_path / "smollm2-f32"
     code = (
-        "import resource, sys, time; from ondevice.converters import convert; t = time.time(); "
+        "import sys, time; from ondevice.converters import convert; "
+        "from ondevice.memory import peak_rss_bytes; t = time.time(); "
         "convert(sys.argv[1], sys.argv[2], quantize='f32', progress=False); "
-        "print(time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(time.time() - t, peak_rss_bytes() // 1024)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(

@@ -1,0 +1,241 @@
+"""The engine: requests in, one batched forward pass per step, streamed outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+import numpy as np
+
+from ..batch import BatchInput
+from ..errors import RequestError
+from ..kv import KVCacheManager
+from ..sampling import Sampler, SamplingParams
+from ..tokenizer import IncrementalDetokenizer
+from .request import Request, RequestOutput, Sequence, Status
+from .scheduler import Scheduler
+
+THROUGHPUT_WINDOW = 10.0  # seconds of history behind the tokens/s figure
+
+
+class Engine:
+    """Continuous batching over one backend and one paged KV pool. Not thread-safe: the
+    synchronous and asyncio fronts (``frontends.py``) drive it from one thread.
+
+    Args:
+        backend: a loaded backend (owns the physical KV pool).
+        tokenizer: for eos ids and streaming text (None: token ids only).
+        context_length: the model's context length.
+        enable_prefix_caching: share full KV blocks between requests with the same prefix.
+        model_id: goes into every block hash, so a cache is never shared across models.
+    """
+
+    def __init__(self, backend, tokenizer=None, *, context_length: int,
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                 enable_prefix_caching: bool = True, model_id: str = ""):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.block_size = backend.block_size
+        self.kv = KVCacheManager(backend.num_blocks, backend.block_size,
+                                 enable_caching=enable_prefix_caching, extra_keys=(model_id,))
+        self.model_id = model_id
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        self.context_limit = min(context_length, backend.num_blocks * backend.block_size)
+        self.vocab_size = backend.config.vocab_size
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
+        self._generated: deque[tuple[float, int]] = deque()
+        self.num_generated = 0
+        self.num_prompt_tokens = 0
+        self.num_steps = 0
+
+    # -- requests ------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError for a request that can never run; allocates nothing."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_ids) >= self.context_limit:
+            raise RequestError(
+                f"prompt has {len(prompt_ids)} tokens; the limit is {self.context_limit - 1} "
+                f"(context {self.context_limit} tokens incl. the KV pool of "
+                f"{self.backend.num_blocks} blocks x {self.block_size})"
+            )
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.validate(prompt_ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use")
+        req = Request(rid, prompt_ids, params)
+        req.seqs.append(self._new_seq(req, 0, list(prompt_ids)))
+        self.requests[rid] = req
+        self.scheduler.add(req.seqs[0])
+        return rid
+
+    def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, skip_special_tokens=True,
+                                           stop=req.params.stop)
+        seq_id = req.request_id if index == 0 else f"{req.request_id}#{index}"
+        return Sequence(seq_id, req, index, token_ids, Sampler(req.params, index=index), detok)
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now; its blocks are free when this returns."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return []
+        outs = []
+        for seq in req.seqs:
+            if not seq.status.finished:
+                self.scheduler.finish(seq, Status.FINISHED_ABORTED)
+                outs.append(RequestOutput(req.request_id, seq.index, (), "", "abort"))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        copies = self.kv.take_copies()
+        if copies:
+            self.backend.copy_blocks(copies)
+        entries, wants = [], []
+        for seq, n in sched.scheduled:
+            start = seq.num_computed
+            entries.append((seq.token_ids[start:start + n], start, self.kv.block_ids(seq.seq_id)))
+            wants.append(start + n == len(seq.token_ids))
+        batch = BatchInput.build(entries, self.block_size, logits_for=wants)
+        logits = self.backend.forward(batch) if batch.num_tokens else None
+        self.num_steps += 1
+        outputs: list[RequestOutput] = []
+        row = 0
+        for (seq, n), want in zip(sched.scheduled, wants, strict=True):
+            seq.num_computed += n
+            self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed)
+            if seq.num_output == 0 and seq.index == 0:
+                self.num_prompt_tokens += n
+            if not want:
+                continue  # a prefill chunk: no token yet
+            row_logits = logits[row]
+            row += 1
+            req = seq.request
+            if req.params.n > 1 and not req.forked:
+                self._fork(seq)
+                for child in req.seqs[1:]:
+                    outputs.extend(self._sample(child, row_logits))
+            outputs.extend(self._sample(seq, row_logits))
+        return outputs
+
+    def _fork(self, seq: Sequence) -> None:
+        """n > 1: the other samples share the prompt's blocks (copy-on-write on the last)."""
+        req = seq.request
+        req.forked = True
+        for i in range(1, req.params.n):
+            child = self._new_seq(req, i, list(seq.token_ids))
+            self.kv.fork(seq.seq_id, child.seq_id)
+            child.num_computed = seq.num_computed
+            req.seqs.append(child)
+            self.scheduler.add_running(child, after=req.seqs[-2])
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> list[RequestOutput]:
+        req, p = seq.request, seq.request.params
+        result = seq.sampler.sample(logits, req.prompt_ids, seq.output_ids)
+        token = int(result.token_id)
+        seq.token_ids.append(token)
+        seq.num_output += 1
+        now = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        self.num_generated += 1
+        self._generated.append((now, 1))
+        text = seq.detok.add(token) if seq.detok is not None else ""
+        finish = None
+        if seq.detok is not None and seq.detok.stopped:
+            finish = "stop"
+        elif (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids:
+            finish = "stop"
+        elif seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.context_limit:
+            finish = "length"
+        if finish and seq.detok is not None and not seq.detok.stopped:
+            text += seq.detok.flush()
+        if finish:
+            status = Status.FINISHED_STOPPED if finish == "stop" else Status.FINISHED_LENGTH
+            self.scheduler.finish(seq, status)
+            seq.finish_reason = finish
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return [RequestOutput(
+            req.request_id, seq.index, (token,), text, finish, result.logprob, result.top_logprobs,
+            num_prompt_tokens=len(req.prompt_ids), num_cached_tokens=req.num_cached_tokens,
+        )]
+
+    # -- metrics -------------------------------------------------------------------------
+    def kv_utilization(self) -> float:
+        """Token slots holding live tokens / slots in allocated blocks (shared blocks once)."""
+        filled: dict[int, int] = {}
+        bs = self.block_size
+        for seq in self.scheduler.running:
+            if seq.seq_id not in self.kv:
+                continue
+            ntok = self.kv.num_tokens(seq.seq_id)
+            for i, b in enumerate(self.kv.block_ids(seq.seq_id)):
+                filled[b] = max(filled.get(b, 0), min(bs, ntok - i * bs))
+        return sum(filled.values()) / (len(filled) * bs) if filled else 0.0
+
+    def stats(self) -> dict[str, float | int]:
+        kv = self.kv.stats()
+        now = time.monotonic()
+        while self._generated and now - self._generated[0][0] > THROUGHPUT_WINDOW:
+            self._generated.popleft()
+        window = (now - self._generated[0][0]) if len(self._generated) > 1 else 0.0
+        tps = (sum(n for _, n in self._generated) - 1) / window if window > 0 else 0.0
+        queries = kv["prefix_queries"]
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": kv["blocks_total"],
+            "kv_blocks_used": kv["blocks_used"],
+            "kv_blocks_free": kv["blocks_free"],
+            "kv_blocks_cached_free": kv["blocks_cached_free"],
+            "kv_block_size": self.block_size,
+            "kv_utilization": round(self.kv_utilization(), 4),
+            "prefix_cache_queries": queries,
+            "prefix_cache_hits": kv["prefix_hits"],
+            "prefix_cache_hit_rate": round(kv["prefix_hits"] / queries, 4) if queries else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+            "generated_tokens": self.num_generated,
+            "prompt_tokens": self.num_prompt_tokens,
+            "steps": self.num_steps,
+            "tokens_per_second": round(tps, 2),
+        }
+
+
+def score_tokens(engine: Engine, token_ids: list[int], chunk: int = 512) -> np.ndarray:
+    """Next-token logits after every position of ``token_ids`` (float32 ``[n, vocab]``), computed
+    outside the scheduler with blocks of its own. Run it on the engine thread, between steps."""
+    engine.validate(token_ids, SamplingParams())
+    rid = f"score-{next(engine._ids)}"
+    rows = []
+    try:
+        done = 0
+        while done < len(token_ids):
+            part = token_ids[done:done + chunk]
+            if engine.kv.allocate_slots(rid, token_ids, len(part)) is None:
+                raise RequestError(f"not enough free KV blocks to score {len(token_ids)} tokens")
+            batch = BatchInput.build([(part, done, engine.kv.block_ids(rid))], engine.block_size,
+                                     logits_for="all")
+            rows.append(engine.backend.forward(batch))
+            done += len(part)
+    finally:
+        engine.kv.free(rid)
+    return np.concatenate(rows)
