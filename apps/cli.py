@@ -74,13 +74,24 @@ def _load(model, backend, kv_memory):
 @_options(MODEL_OPTIONS + SAMPLING_OPTIONS)
 @click.option("--system", "-s", default=None, help="System prompt.")
 @click.option("--max-tokens", "-n", type=int, default=512, show_default=True)
-def chat(model, backend, kv_memory, system, max_tokens, **sampling) -> None:
+@click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
+              help="Load the system prompt's KV from FILE, or save it there on first use.")
+def chat(model, backend, kv_memory, system, max_tokens, prompt_cache, **sampling) -> None:
     """Chat with a model. Without a terminal, reads stdin as one message and prints the reply."""
+    from pathlib import Path
+
     from ..chat import ChatSession
     from .repl import run_repl
 
     params = _params(max_tokens, **sampling)
     session = ChatSession(_load(model, backend, kv_memory), params, system=system)
+    if prompt_cache:
+        if Path(prompt_cache).exists():
+            n = session.model.load_prompt_cache(prompt_cache)
+            click.echo(f"(prompt cache: loaded {n} tokens from {prompt_cache})", err=True)
+        else:
+            n = session.model.save_prompt_cache(prompt_cache, session.prefix_ids())
+            click.echo(f"(prompt cache: saved {n} tokens to {prompt_cache})", err=True)
     if not sys.stdin.isatty():
         text = sys.stdin.read().strip()
         if not text:

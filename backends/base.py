@@ -76,5 +76,19 @@ class Backend(ABC):
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy the KV of block ``src`` into block ``dst`` for each pair (copy-on-write)."""
 
+    def kv_block_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of :meth:`read_blocks` for ``num_blocks`` blocks (a portable layout)."""
+        c = self.config
+        return (c.num_hidden_layers, 2, num_blocks, self.block_size, c.num_key_value_heads,
+                c.head_dim)
+
+    @abstractmethod
+    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
+        """float32 KV of these blocks in :meth:`kv_block_shape` layout (prompt caches)."""
+
+    @abstractmethod
+    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+        """Inverse of :meth:`read_blocks`."""
+
     def close(self) -> None:  # noqa: B027  (optional hook: most backends free on GC)
         """Release device memory."""

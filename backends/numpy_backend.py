@@ -16,10 +16,7 @@ from .base import Backend
 F32 = np.float32
 
 
-def _dense(w) -> np.ndarray:
-    if isinstance(w, QuantizedTensor):
-        return w.dequantize()
-    return np.array(w, dtype=F32, order="C")  # a private copy: anonymous memory, huge pages
+RELEASE_EVERY = 64 << 20  # bytes copied between drops of the checkpoint's mapped pages
 
 
 class _Linear:
@@ -31,14 +28,29 @@ class _Linear:
 
 
 class NumpyLoader:
+    """Copies every weight into float32 anonymous memory (huge pages, no file paging during
+    decode), dropping the checkpoint's mapped pages as it goes so they never add up in RSS."""
+
+    def __init__(self, model: ModelDir):
+        self.model = model
+        self._copied = 0
+
+    def _dense(self, w) -> np.ndarray:
+        out = w.dequantize() if isinstance(w, QuantizedTensor) else np.array(w, dtype=F32, order="C")
+        self._copied += out.nbytes
+        if self._copied >= RELEASE_EVERY:
+            self.model.weights.release_pages()
+            self._copied = 0
+        return out
+
     def embedding(self, w) -> np.ndarray:
-        return _dense(w)
+        return self._dense(w)
 
     def linear(self, w, bias) -> _Linear:
-        return _Linear(_dense(w), None if bias is None else _dense(bias))
+        return _Linear(self._dense(w), None if bias is None else self._dense(bias))
 
     def norm(self, w) -> np.ndarray:
-        return _dense(w)
+        return self._dense(w)
 
     def tied_lm_head(self, embed: np.ndarray, w) -> _Linear:
         return _Linear(embed, None)  # shares the embedding's memory
@@ -132,7 +144,7 @@ class NumpyBackend(Backend):
     def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16):
         super().__init__(model, num_blocks=num_blocks, block_size=block_size)
         c = self.config
-        self.params = self.model.load_params(model, NumpyLoader())
+        self.params = self.model.load_params(model, NumpyLoader(model))
         shape = (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
         self.kv = np.zeros(shape, dtype=F32)
         self.kv[...] = 0  # fault every page in now, not during the first requests
@@ -145,6 +157,12 @@ class NumpyBackend(Backend):
         if pairs:
             src, dst = np.array(pairs, dtype=np.int64).T
             self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
+        return self.kv[:, :, np.asarray(block_ids, dtype=np.int64)]
+
+    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+        self.kv[:, :, np.asarray(block_ids, dtype=np.int64)] = data
 
 
 BACKEND = NumpyBackend

@@ -120,6 +120,21 @@ class Model:
         replies = ["".join(texts.get(i, [])) for i in range(n)]
         return replies[0] if (params or SamplingParams(**sampling)).n == 1 else replies
 
+    def save_prompt_cache(self, path: str | os.PathLike, prompt: Prompt) -> int:
+        """Save the KV of ``prompt``'s full blocks to ``path`` (safetensors); returns the
+        number of tokens saved. A later process loads it to skip that prefill."""
+        from .engine.prompt_cache import save_prompt_cache
+
+        ids = self.encode_prompt(prompt)
+        return self.runtime.loop.call(lambda: save_prompt_cache(self.runtime.engine, ids, path))
+
+    def load_prompt_cache(self, path: str | os.PathLike) -> int:
+        """Load a saved prompt cache into the KV pool; requests starting with its tokens reuse
+        it. Returns the number of tokens loaded. The model and block size must match."""
+        from .engine.prompt_cache import load_prompt_cache
+
+        return self.runtime.loop.call(lambda: load_prompt_cache(self.runtime.engine, path))
+
     def stats(self) -> dict:
         """Engine metrics: running/waiting, KV blocks, utilization, prefix hits, tokens/s."""
         return self.runtime.stats()

@@ -37,6 +37,14 @@ class ChatSession:
     last: TurnStats = field(default_factory=TurnStats)
     total_generated: int = 0
 
+    def prefix_ids(self) -> list[int]:
+        """Tokens every turn's prompt starts with: the system part of the chat template (the
+        longest common prefix of two different conversations), for a prompt cache."""
+        a = self._render([{"role": "user", "content": "a"}])
+        b = self._render([{"role": "user", "content": "b b"}])
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        return a[:n]
+
     def reset(self) -> None:
         self.messages.clear()
 

@@ -217,6 +217,10 @@ class WeightFiles:
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
 
+    def release_pages(self) -> None:
+        for f in self.files:
+            f.release_pages()
+
     def close(self) -> None:
         for f in self.files:
             f.close()

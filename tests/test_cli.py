@@ -171,3 +171,17 @@ def test_model_gguf_path_is_converted_once(tmp_path, monkeypatch):
         r = run("generate", "-m", str(src), "-p", "hi", "-n", "2", "--json")
         assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "home" / "models").iterdir())) == 1
+
+
+def test_chat_prompt_cache_saved_then_loaded(tiny_model_dir, tmp_path):
+    cache = tmp_path / "sys.safetensors"
+    args = CLI + ["chat", "-m", str(tiny_model_dir), "-n", "6", "--temperature", "0",
+                  "--system", "You are a very helpful and concise assistant for all questions.",
+                  "--prompt-cache", str(cache)]
+    first = subprocess.run(args, input="Hello", capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "saved" in first.stderr and cache.is_file()
+    second = subprocess.run(args, input="Hello", capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "loaded" in second.stderr
+    assert second.stdout == first.stdout

@@ -52,7 +52,7 @@ class Engine:
         self.num_steps = 0
 
     # -- requests ------------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
         """Raise RequestError for a request that can never run; allocates nothing."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
@@ -223,7 +223,7 @@ class Engine:
 def score_tokens(engine: Engine, token_ids: list[int], chunk: int = 512) -> np.ndarray:
     """Next-token logits after every position of ``token_ids`` (float32 ``[n, vocab]``), computed
     outside the scheduler with blocks of its own. Run it on the engine thread, between steps."""
-    engine.validate(token_ids, SamplingParams())
+    engine.validate(token_ids)
     rid = f"score-{next(engine._ids)}"
     rows = []
     try:
