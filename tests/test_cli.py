@@ -185,3 +185,31 @@ def test_chat_prompt_cache_saved_then_loaded(tiny_model_dir, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "loaded" in second.stderr
     assert second.stdout == first.stdout
+
+
+def test_ctrl_c_stops_the_reply_not_the_program(tiny_model_dir):
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, CLI + ["chat", "-m", str(tiny_model_dir), "-n", "900",
+                                        "--temperature", "0"])
+    try:
+        _read_until(fd, b">>> ")
+        os.write(fd, b"Tell me a long story\n")
+        _read_until(fd, b"story\r\n")
+        os.read(fd, 1)  # the reply has started streaming
+        os.write(fd, b"\x03")  # Ctrl-C
+        out = _read_until(fd, b">>> ")
+        assert b"(stopped)" in out
+        os.write(fd, b"/stats\n")
+        out = _read_until(fd, b">>> ")
+        assert b"kv_blocks_used: 0" in out and b"running: 0" in out
+        os.write(fd, b"/quit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
