@@ -93,10 +93,12 @@ class ModelDir:
             else:
                 self._expect(name, spec.shape, FLOAT_DTYPES)
             used.add(name)
+        tied_head = ("lm_head.weight", "lm_head.scales", "lm_head.biases")
         extra = [
             n for n in self.weights
             if n not in used and not n.endswith(IGNORED_SUFFIXES)
-            and not (n == "lm_head.weight" and self.config.tie_word_embeddings)
+            # A tied model may still carry its (identical) lm_head; it is not needed.
+            and not (n in tied_head and self.config.tie_word_embeddings)
         ]
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""

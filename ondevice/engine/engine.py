@@ -220,22 +220,28 @@ class Engine:
         }
 
 
-def score_tokens(engine: Engine, token_ids: list[int], chunk: int = 512) -> np.ndarray:
-    """Next-token logits after every position of ``token_ids`` (float32 ``[n, vocab]``), computed
-    outside the scheduler with blocks of its own. Run it on the engine thread, between steps."""
+def score_tokens(engine: Engine, token_ids: list[int], *, logits_for: str = "all",
+                 register: bool = False) -> np.ndarray:
+    """Run ``token_ids`` through the model outside the scheduler, in blocks of their own, in
+    chunks of the step budget; returns the logits of every row (``"all"``) or of the last
+    (``"last"``). With ``register`` the full blocks enter the prefix cache, where they stay
+    (free but cached) after this returns. Run it on the engine thread, between steps."""
     engine.validate(token_ids)
-    rid = f"score-{next(engine._ids)}"
+    rid = f"direct-{next(engine._ids)}"
+    chunk = engine.scheduler.max_num_batched_tokens
     rows = []
     try:
         done = 0
         while done < len(token_ids):
             part = token_ids[done:done + chunk]
             if engine.kv.allocate_slots(rid, token_ids, len(part)) is None:
-                raise RequestError(f"not enough free KV blocks to score {len(token_ids)} tokens")
+                raise RequestError(f"not enough free KV blocks for {len(token_ids)} tokens")
             batch = BatchInput.build([(part, done, engine.kv.block_ids(rid))], engine.block_size,
-                                     logits_for="all")
+                                     logits_for=logits_for)
             rows.append(engine.backend.forward(batch))
             done += len(part)
+            if register:
+                engine.kv.cache_blocks(rid, token_ids, done)
     finally:
         engine.kv.free(rid)
-    return np.concatenate(rows)
+    return np.concatenate(rows) if logits_for == "all" else rows[-1]

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batch import BatchInput
 from ..errors import ModelFormatError, RequestError
 from ..kv import hash_request_blocks
 from ..weights import SafetensorsFile, SafetensorsWriter
-from .engine import Engine
+from .engine import Engine, score_tokens
 
 FORMAT = "ondevice-prompt-cache-1"
 
@@ -33,24 +32,6 @@ def _cached_blocks(engine: Engine, token_ids: list[int]) -> list[int]:
     return out
 
 
-def _prefill(engine: Engine, token_ids: list[int], rid: str) -> None:
-    """Compute the KV of ``token_ids`` into fresh blocks and register them in the prefix cache
-    (they stay there, free but cached, after this returns)."""
-    chunk = engine.scheduler.max_num_batched_tokens
-    try:
-        done = 0
-        while done < len(token_ids):
-            part = token_ids[done:done + chunk]
-            if engine.kv.allocate_slots(rid, token_ids, len(part)) is None:
-                raise RequestError(f"not enough free KV blocks for {len(token_ids)} tokens")
-            engine.backend.forward(BatchInput.build(
-                [(part, done, engine.kv.block_ids(rid))], engine.block_size))
-            done += len(part)
-            engine.kv.cache_blocks(rid, token_ids, done)
-    finally:
-        engine.kv.free(rid)
-
-
 def save_prompt_cache(engine: Engine, token_ids: list[int], path: str | Path) -> int:
     """Save the KV of the full blocks of ``token_ids``; returns the number of tokens saved.
     Runs on the engine thread (``EngineLoop.call``)."""
@@ -62,7 +43,7 @@ def save_prompt_cache(engine: Engine, token_ids: list[int], path: str | Path) ->
     prefix = token_ids[:num]
     blocks = _cached_blocks(engine, prefix)
     if len(blocks) * engine.block_size < num:
-        _prefill(engine, prefix, rid=f"prompt-cache-save-{id(prefix)}")
+        score_tokens(engine, prefix, logits_for="last", register=True)
         blocks = _cached_blocks(engine, prefix)
     kv = engine.backend.read_blocks(blocks)
     writer = SafetensorsWriter(
