@@ -109,3 +109,12 @@ def test_missing_tokenizer_is_clear(tmp_path):
 def test_missing_model_path():
     with pytest.raises(ondevice.OndeviceError, match="not found"):
         ondevice.load("/nonexistent/model")
+
+
+def test_n_samples_all_complete_through_the_stream(model):
+    chunks = list(model.stream("Hello", max_tokens=5, n=3, temperature=0.8, seed=1,
+                               ignore_eos=True))
+    per = {i: [c for c in chunks if c.index == i] for i in range(3)}
+    assert all(len(v) == 5 and v[-1].finish_reason == "length" for v in per.values())
+    replies = model.generate("Hello", max_tokens=5, n=3, temperature=0.8, seed=1, ignore_eos=True)
+    assert isinstance(replies, list) and len(replies) == 3

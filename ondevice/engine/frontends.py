@@ -138,12 +138,12 @@ class EngineLoop:
                 continue
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
-                if sink is None:
-                    continue
-                sink(out)
-                if out.request_id not in engine.requests:  # every sequence has finished
-                    self._sinks.pop(out.request_id, None)
-                    sink(_DONE)
+                if sink is not None:
+                    sink(out)
+            # Only after the whole step: with n > 1, several samples may finish in one step.
+            for rid in {out.request_id for out in outputs}:
+                if rid not in engine.requests and rid in self._sinks:  # every sample finished
+                    self._sinks.pop(rid)(_DONE)
 
 
 class SyncEngine:
