@@ -180,6 +180,25 @@ def info(model, as_json) -> None:
 
 
 @cli.command()
+@_options(MODEL_OPTIONS)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback only by default).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Sequences that may wait beyond the running batch before requests get 429.")
+@click.option("--api-key", default=None, envvar="ONDEVICE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' [env: ONDEVICE_API_KEY].")
+@click.option("--model-name", default=None,
+              help="The model id clients send [default: the model's name].")
+def serve(model, backend, kv_memory, host, port, max_queue, api_key, model_name) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
+    from .. import server
+
+    server.serve(model, backend=backend, host=host, port=port, kv_memory=kv_memory,
+                 max_queue=max_queue, api_key=api_key, model_name=model_name)
+
+
+@cli.command()
 def backends() -> None:
     """List the backends and whether each can run here."""
     from ..backends import available_backends

@@ -1,0 +1,153 @@
+"""Running the app with uvicorn: in the foreground (``ondevice serve``) or on a background
+thread of an app that embeds the server in-process."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import sys
+import threading
+import time
+
+import uvicorn
+
+from .app import DEFAULT_MAX_QUEUE, OpenAIServer, create_app
+
+log = logging.getLogger("ondevice.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn with a drain first: on shutdown (Ctrl-C, SIGTERM, ``should_exit``) new requests
+    get 503, running ones get ``drain_timeout`` seconds to finish, the rest are aborted (a
+    stream then ends with an error event, a plain request with a 503), and only then are the
+    connections closed."""
+
+    def __init__(self, config: uvicorn.Config, state: OpenAIServer | None, drain_timeout: float):
+        super().__init__(config)
+        self._state = state
+        self._drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        if self._state is not None:
+            await self._state.drain(self._drain_timeout, lambda: self.force_exit)
+        await super().shutdown(sockets)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
+          port: int = DEFAULT_PORT, kv_memory: int | str | None = None,
+          max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
+          model_name: str | None = None, drain_timeout: float = 30.0,
+          log_level: str = "info") -> None:
+    """Serve a model over the OpenAI API until Ctrl-C or SIGTERM (blocking).
+
+    Args:
+        model: an :class:`ondevice.Model` (used as it is, not closed), a model directory or
+            ``.gguf`` file, or None for the embedded default model.
+        backend, kv_memory: as for :func:`ondevice.load` (ignored for a loaded model).
+        host, port: where to listen; loopback only by default.
+        max_queue: sequences that may wait beyond the running batch before 429.
+        api_key: require ``Authorization: Bearer KEY`` (all routes but ``/health``).
+        model_name: the id clients pass as ``"model"`` (default: the model's name).
+        drain_timeout: seconds in-flight requests get to finish at shutdown.
+    """
+    from .. import Model, load
+    from ..default_model import DEFAULT_MODEL_NAME
+
+    own = not isinstance(model, Model)
+    m = load(model, backend, kv_memory=kv_memory) if own else model
+    try:
+        if model_name is None:
+            model_name = DEFAULT_MODEL_NAME if model is None else m.path.name
+        app = create_app(m, model_name=model_name, api_key=api_key, max_queue=max_queue)
+        if not _is_loopback(host) and not api_key:
+            log.warning("listening on %s without an API key: anyone who can reach this "
+                        "address can use the model", host)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                lifespan="on", timeout_graceful_shutdown=5)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"ondevice: serving {model_name!r} ({m.backend}) at http://{shown}:{port}/v1",
+              file=sys.stderr, flush=True)
+        _Uvicorn(config, app.state.ondevice, drain_timeout).run()
+    finally:
+        if own:
+            m.close()
+
+
+class ServerThread:
+    """Runs an ASGI app (usually from :func:`create_app`) with uvicorn on a daemon thread with
+    its own event loop, for apps that embed the server in-process (and for tests)::
+
+        with ServerThread(create_app(model)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+
+    ``port=0`` picks a free port; :attr:`url` tells which. :meth:`stop` drains like
+    :func:`serve` does.
+    """
+
+    def __init__(self, app, host: str = DEFAULT_HOST, port: int = 0, *,
+                 drain_timeout: float = 10.0, log_level: str = "warning"):
+        self.app = app
+        self.host = host
+        self.port = port
+        self.drain_timeout = drain_timeout
+        self.log_level = log_level
+        self._server: _Uvicorn | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        """Bind, start serving, and return once requests are accepted."""
+        family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        # log_config=None: leave the host application's logging configuration alone.
+        config = uvicorn.Config(self.app, log_level=self.log_level, log_config=None,
+                                lifespan="on", timeout_graceful_shutdown=5)
+        state = getattr(getattr(self.app, "state", None), "ondevice", None)
+        self._server = server = _Uvicorn(config, state, self.drain_timeout)
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                                        name="ondevice-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Shut down (drain, then close connections) and wait for the thread."""
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout if timeout is not None else self.drain_timeout + 30)
+        self._server = None
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServerThread", "serve"]
