@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+
+
+def _proc_status_kib(path: str, key: str) -> int | None:
+    """A ``Key:   N kB`` line of a /proc file, in KiB (None where there is no /proc)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can give without swapping (MemAvailable), or half of RAM elsewhere."""
+    kib = _proc_status_kib("/proc/meminfo", "MemAvailable:")
+    if kib is not None:
+        return kib * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 def peak_rss_bytes() -> int:
@@ -12,12 +36,8 @@ def peak_rss_bytes() -> int:
     Linux's VmHWM belongs to the current address space, so unlike ``ru_maxrss`` it does not
     inherit the parent's peak when a large process spawns this one (vfork + exec).
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    kib = _proc_status_kib("/proc/self/status", "VmHWM:")
+    if kib is not None:
+        return kib * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere

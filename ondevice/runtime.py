@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 
@@ -11,27 +10,10 @@ from .backends import backend_class, resolve
 from .engine import Engine, EngineLoop, SyncEngine
 from .engine.engine import score_tokens
 from .errors import RequestError
+from .memory import available_memory_bytes
 from .modeldir import ModelDir
 
 DEFAULT_KV_MEMORY = 256 << 20
-
-
-def _total_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _total_memory() // 2
 
 
 def parse_size(text: str | int) -> int:
@@ -87,7 +69,7 @@ class Runtime:
         if kv_memory is None:
             # One full context (at least DEFAULT_KV_MEMORY), within a quarter of free memory.
             budget = max(DEFAULT_KV_MEMORY, self.config.context_length * per_block // block_size)
-            budget = min(budget, _available_memory() // 4)
+            budget = min(budget, available_memory_bytes() // 4)
         else:
             budget = parse_size(kv_memory)
         num_blocks = budget // per_block
