@@ -58,7 +58,7 @@ DEQUANT_MIN_ROWS = 8
 # Output features below which a CPU matrix product is not split over streams: the split's
 # concatenation and cross-stream synchronisation cost more than the product.
 SPLIT_MIN_OUT = 256
-MAX_THREADS = 8
+MAX_THREADS = 8  # streams on the CPU at most (one per core below that)
 # Fewest query rows of a prefill chunk worth a piece of its own on another stream.
 MIN_PIECE_ROWS = 64
 
@@ -67,7 +67,7 @@ MIN_PIECE_ROWS = 64
 def _metal() -> bool:
     try:
         return bool(mx.metal.is_available())
-    except Exception:  # noqa: BLE001  (no Metal module in this build)
+    except Exception:  # a build without the Metal module
         return False
 
 
@@ -92,6 +92,7 @@ def default_device() -> str:
 
 
 def default_dtype(device: str) -> str:
+    """float32 on the CPU, float16 on the GPU; ``ONDEVICE_MLX_DTYPE`` overrides it."""
     forced = os.environ.get("ONDEVICE_MLX_DTYPE", "").strip().lower()
     if forced:
         if forced not in DTYPES:
@@ -125,10 +126,10 @@ def _spans(n: int, parts: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _Linear:
-    """A matrix in the form the device multiplies fastest, in column blocks, one per stream.
+    """A matrix in the form the device multiplies fastest, split by output features.
 
     ``parts[i]`` computes output features ``spans[i]`` on stream ``streams[i]``: a dense
-    ``[in, out_i]`` block (CPU), the whole ``[out, in]`` matrix (GPU), or a row slice
+    ``[in, out_i]`` block (CPU), the whole ``[out, in]`` matrix (GPU), or a slice of rows
     ``(weight, scales, biases)`` of a quantized matrix (a view: nothing is repacked).
     """
 
@@ -193,8 +194,8 @@ class MlxLoader:
         return spans, list(range(len(spans)))
 
     def _quantized(self, w: QuantizedTensor) -> tuple[mx.array, mx.array, mx.array]:
-        # Scales and biases in the compute dtype (their stored values are exact in it); the
-        # packed codes as stored.
+        # The packed codes as stored; scales and biases in the compute dtype (float16 and
+        # bfloat16 values are exact in float32, the CPU's).
         return self._array(w.weight), self._array(w.scales), self._array(w.biases)
 
     def _linear(self, w, bias: np.ndarray | None) -> _Linear:
@@ -298,6 +299,7 @@ class MlxOps:
         return self._cached(a, lambda: mx.array(np.asarray(a, dtype=np.int32)))
 
     def begin_step(self) -> None:
+        """Start memoizing per-step conversions (``forward`` brackets the model with these)."""
         self._step = {}
 
     def end_step(self) -> None:
@@ -328,16 +330,17 @@ class MlxOps:
         return mx.fast.rms_norm(x, weight, eps)
 
     def _part(self, x: mx.array, w: _Linear, i: int, stream: mx.Stream) -> mx.array:
-        part = w.parts[i]
-        if w.quant is None:
-            return mx.matmul(x, part if w.transposed else part.T, stream=stream)
-        q, s, b = part
-        gs, bits = w.quant
-        if self.cpu and x.shape[0] >= DEQUANT_MIN_ROWS:
-            dense = mx.dequantize(q, s, b, group_size=gs, bits=bits, stream=stream)
-            return mx.matmul(x, mx.contiguous(dense.T, stream=stream), stream=stream)
-        return mx.quantized_matmul(x, q, s, b, transpose=True, group_size=gs, bits=bits,
-                                   stream=stream)
+        # Every op of the part (views too) on its stream, so that streams wait only for x.
+        with mx.stream(stream):
+            part = w.parts[i]
+            if w.quant is None:
+                return mx.matmul(x, part if w.transposed else part.T)
+            q, s, b = part
+            gs, bits = w.quant
+            if self.cpu and x.shape[0] >= DEQUANT_MIN_ROWS:
+                dense = mx.dequantize(q, s, b, group_size=gs, bits=bits)
+                return mx.matmul(x, mx.contiguous(dense.T))
+            return mx.quantized_matmul(x, q, s, b, transpose=True, group_size=gs, bits=bits)
 
     def linear(self, x: mx.array, w: _Linear) -> mx.array:
         streams = self.streams()
@@ -462,7 +465,7 @@ class MlxOps:
     def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale):
         plan = self._plan(batch)
         kp, vp = self.k[layer], self.v[layer]
-        sdpa = mx.fast.scaled_dot_product_attention
+        streams = self.streams()
         outs = []
         if plan.decode_slots is not None:
             if plan.contiguous_decode is not None:
@@ -470,24 +473,46 @@ class MlxOps:
                 qd = q[a:b]
             else:
                 qd = mx.take(q, plan.decode_rows, axis=0)
-            d = qd.shape[0]
-            qd = qd.reshape(d, heads, 1, head_dim)
-            # [D, kv_heads, Lmax, head_dim]
-            k = mx.take(kp, plan.decode_slots, axis=0).transpose(0, 2, 1, 3)
-            v = mx.take(vp, plan.decode_slots, axis=0).transpose(0, 2, 1, 3)
-            o = sdpa(qd, k, v, scale=scale, mask=plan.decode_mask)
-            outs.append(o.reshape(d, heads * head_dim))
-        streams = self.streams()
+            k = mx.take(kp, plan.decode_slots, axis=0)  # [D, Lmax, kv_heads, head_dim]
+            v = mx.take(vp, plan.decode_slots, axis=0)
+            decode = self._decode_cpu if self.cpu else self._decode_sdpa
+            outs.append(decode(qd, k, v, plan.decode_mask, heads, kv_heads, head_dim, scale))
         for start, end, slots, mask, si in plan.chunks:
-            m, st = end - start, streams[si % len(streams)]
-            qc = q[start:end].reshape(m, heads, head_dim).transpose(1, 0, 2)[None]
-            # [1, kv_heads, L, head_dim]
-            k = mx.take(kp, slots, axis=0, stream=st).transpose(1, 0, 2)[None]
-            v = mx.take(vp, slots, axis=0, stream=st).transpose(1, 0, 2)[None]
-            o = sdpa(qc, k, v, scale=scale, mask=mask, stream=st)  # [1, heads, m, head_dim]
-            outs.append(o[0].transpose(1, 0, 2).reshape(m, heads * head_dim))
+            with mx.stream(streams[si % len(streams)]):
+                m = end - start
+                qc = q[start:end].reshape(m, heads, head_dim).transpose(1, 0, 2)[None]
+                k = mx.take(kp, slots, axis=0).transpose(1, 0, 2)[None]  # [1, kvh, L, hd]
+                v = mx.take(vp, slots, axis=0).transpose(1, 0, 2)[None]
+                o = mx.fast.scaled_dot_product_attention(qc, k, v, scale=scale, mask=mask)
+                outs.append(o[0].transpose(1, 0, 2).reshape(m, heads * head_dim))
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         return out if plan.restore is None else mx.take(out, plan.restore, axis=0)
+
+    @staticmethod
+    def _decode_sdpa(q, k, v, mask, heads, kv_heads, head_dim, scale) -> mx.array:
+        d = q.shape[0]
+        o = mx.fast.scaled_dot_product_attention(
+            q.reshape(d, heads, 1, head_dim), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+            scale=scale, mask=mask)
+        return o.reshape(d, heads * head_dim)
+
+    def _decode_cpu(self, q, k, v, mask, heads, kv_heads, head_dim, scale) -> mx.array:
+        """Decode rows on the CPU: the query heads of each KV head as one small matrix
+        product (mx.fast's attention runs there as generic ops that cost 1.4x this), the KV
+        heads spread over the streams. Scaled after the product, as the reference does."""
+        d, g = q.shape[0], heads // kv_heads
+        streams = self.streams()
+        q = q.reshape(d, kv_heads, g, head_dim)
+        parts = []
+        for i, (a, b) in enumerate(_spans(kv_heads, min(len(streams), kv_heads))):
+            with mx.stream(streams[i]):
+                s = (q[:, a:b] @ k[:, :, a:b].transpose(0, 2, 3, 1)) * scale  # [D, n, g, L]
+                if mask is not None:
+                    s = mx.where(mask, s, -mx.inf)
+                p = mx.softmax(s, axis=-1, precise=True)
+                parts.append(p @ v[:, :, a:b].transpose(0, 2, 1, 3))  # [D, n, g, head_dim]
+        out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+        return out.reshape(d, heads * head_dim)
 
     def silu_mul(self, gate, up) -> mx.array:
         return _silu_mul_fused(gate, up) if self.fuse else _silu_mul(gate, up)
@@ -512,12 +537,6 @@ class MlxOps:
             y = y.astype(mx.float32)
         mx.eval(y, pools)  # the step's one evaluation: logits and the KV it wrote
         return np.array(y, copy=True)
-
-    def flush(self) -> None:
-        """Evaluate pending KV writes (when a caller wrote KV without asking for logits)."""
-        pools = [p for i in sorted(self._dirty) for p in (self.k[i], self.v[i])]
-        self._dirty.clear()
-        mx.eval(pools)
 
 
 def _silu_mul(gate: mx.array, up: mx.array) -> mx.array:
@@ -566,8 +585,7 @@ class MlxBackend(Backend):
             k = [mx.zeros(shape, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
             v = [mx.zeros(shape, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
             mx.eval(k, v)  # allocate and zero now, not during the first requests
-        self.ops = MlxOps(k, v, block_size, self.device, self.dtype,
-                          self.threads)
+        self.ops = MlxOps(k, v, block_size, self.device, self.dtype, self.threads)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -581,12 +599,14 @@ class MlxBackend(Backend):
             return True, "gpu (Metal)"
         try:
             mx.eval(mx.add(mx.array([1.0]), 1.0, stream=mx.cpu))
-        except Exception as err:  # noqa: BLE001  (an MLX build without a CPU backend)
+        except Exception as err:  # an MLX build without a CPU backend
             return False, f"MLX cannot run on the CPU here ({err}); install mlx[cpu]"
         return True, "cpu"
 
     @classmethod
     def kv_bytes_per_token(cls, config: ModelConfig, itemsize: int | None = None) -> int:
+        """KV bytes per token in the dtype the default device computes in (float16 on Metal
+        holds twice the tokens of the same budget)."""
         if itemsize is None:
             try:
                 itemsize = DTYPES[default_dtype(default_device())].size
