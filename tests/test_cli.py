@@ -1,5 +1,6 @@
 """The CLI through click's runner and as a real subprocess (pipes and a pseudo-terminal)."""
 
+import contextlib
 import json
 import os
 import pty
@@ -106,12 +107,31 @@ def _read_until(fd, marker: bytes, timeout=60.0) -> bytes:
     return buf
 
 
-def test_interactive_repl_in_a_terminal(tiny_model_dir):
+@contextlib.contextmanager
+def _repl(args: list[str]):
+    """The real CLI on a pseudo-terminal; yields its fd, kills it if still running."""
     pid, fd = pty.fork()
-    if pid == 0:  # child: the real CLI on a pseudo-terminal
-        os.execv(sys.executable, CLI + ["chat", "-m", str(tiny_model_dir), "-n", "4",
-                                        "--system", "be brief"])
+    if pid == 0:  # child
+        os.execv(sys.executable, CLI + args)
     try:
+        yield pid, fd
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+
+
+def _quit(pid: int, fd: int) -> None:
+    os.write(fd, b"/quit\n")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_interactive_repl_in_a_terminal(tiny_model_dir):
+    with _repl(["chat", "-m", str(tiny_model_dir), "-n", "4", "--system", "be brief"]) as (pid, fd):
         _read_until(fd, b">>> ")
         os.write(fd, b"/help\n")
         assert b"/reset" in _read_until(fd, b">>> ")
@@ -122,16 +142,7 @@ def test_interactive_repl_in_a_terminal(tiny_model_dir):
         assert b"kv_blocks_total" in out and b"messages: 2" in out
         os.write(fd, b"/reset\n")
         assert b"cleared" in _read_until(fd, b">>> ")
-        os.write(fd, b"/quit\n")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+        _quit(pid, fd)
 
 
 def test_convert_cli_errors_and_force(tmp_path):
@@ -188,11 +199,7 @@ def test_chat_prompt_cache_saved_then_loaded(tiny_model_dir, tmp_path):
 
 
 def test_ctrl_c_stops_the_reply_not_the_program(tiny_model_dir):
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(sys.executable, CLI + ["chat", "-m", str(tiny_model_dir), "-n", "900",
-                                        "--temperature", "0"])
-    try:
+    with _repl(["chat", "-m", str(tiny_model_dir), "-n", "900", "--temperature", "0"]) as (pid, fd):
         _read_until(fd, b">>> ")
         os.write(fd, b"Tell me a long story\n")
         _read_until(fd, b"story\r\n")
@@ -203,13 +210,4 @@ def test_ctrl_c_stops_the_reply_not_the_program(tiny_model_dir):
         os.write(fd, b"/stats\n")
         out = _read_until(fd, b">>> ")
         assert b"kv_blocks_used: 0" in out and b"running: 0" in out
-        os.write(fd, b"/quit\n")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+        _quit(pid, fd)

@@ -146,6 +146,15 @@ class EngineLoop:
                     self._sinks.pop(rid)(_DONE)
 
 
+def _unwrap(item: Any) -> RequestOutput | None:
+    """An item a sink received: an output, None at the end, or the engine's error raised."""
+    if item is _DONE:
+        return None
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
 class SyncEngine:
     """Blocking iterator front, safe to use from many threads at once."""
 
@@ -159,13 +168,12 @@ class SyncEngine:
         try:
             while True:
                 item = q.get()
-                if item is _DONE:
-                    finished = True
+                finished = True  # until the item turns out to be an output
+                out = _unwrap(item)
+                if out is None:
                     return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
+                finished = False
+                yield out
         finally:
             if not finished:  # closed early, Ctrl-C, or the consumer raised
                 self.loop.abort(rid)
@@ -188,13 +196,12 @@ class AsyncEngine:
         try:
             while True:
                 item = await q.get()
-                if item is _DONE:
-                    finished = True
+                finished = True  # until the item turns out to be an output
+                out = _unwrap(item)
+                if out is None:
                     return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
+                finished = False
+                yield out
         finally:
             if not finished:  # cancelled or dropped client: do not block the event loop
                 self.loop.abort(rid, wait=False)
