@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -35,8 +36,39 @@ def _options(options):
     return wrap
 
 
+# Commands that live in their own module (one per area), imported only when used.
+LAZY_COMMANDS = {
+    "verify-coreml": "cli_coreml:verify_coreml",
+    "devices": "cli_policy:devices",
+    "policy": "cli_policy:policy",
+    "bench": "cli_bench:bench",
+    "eval": "cli_bench:eval_command",
+}
+
+
+def _lazy(name):
+    module_name, attr = LAZY_COMMANDS[name].split(":")
+    try:
+        module = importlib.import_module(f"{__package__}.{module_name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.{module_name}":
+            raise
+        return None
+    return getattr(module, attr)
+
+
 class _Group(click.Group):
     """Turns the project's errors into one line on stderr and exit code 1."""
+
+    def list_commands(self, ctx):
+        lazy = [name for name in LAZY_COMMANDS if _lazy(name) is not None]
+        return sorted(set(super().list_commands(ctx)) | set(lazy))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in LAZY_COMMANDS:
+            command = _lazy(name)
+        return command
 
     def invoke(self, ctx):
         try:
