@@ -22,12 +22,18 @@ each matrix product, and each long prefill chunk's attention, over one MLX strea
 stores dense matrices transposed (``[in, out]`` is that BLAS's fast operand order, 2x);
 multiplies 8 or more rows by a per-step dequantized copy of a quantized matrix (MLX's CPU
 quantized kernel costs the same per row at any batch size, twice the dense product's); and
-applies RoPE from cos/sin tables. The GPU path is plain MLX: whole matrices,
+applies RoPE from cos/sin tables. That kernel is scalar code (about 0.3 G weights/s per core
+here, against 3 G/s for the dense product), so on the CPU a quantized checkpoint is expanded
+once at load into dense matrices in the compute dtype when the expanded model fits in a
+quarter of the memory available (``ONDEVICE_MLX_QUANTIZED``: ``auto`` as described, ``expand``
+always, ``keep`` never): decode then runs at the dense model's speed, at the dense model's
+memory. On the GPU the quantized matrices are always kept and ``mx.quantized_matmul`` used. The GPU path is plain MLX: whole matrices,
 ``mx.fast.rope``, and elementwise kernels fused with ``mx.compile``.
 
 Device and dtype: Metal when present, else the CPU; float32 on the CPU, float16 on the GPU.
 ``ONDEVICE_MLX_DEVICE`` (``cpu`` | ``gpu``), ``ONDEVICE_MLX_DTYPE`` (``float32`` | ``float16``
-| ``bfloat16``) and ``ONDEVICE_MLX_THREADS`` override them, as do the constructor's keywords.
+| ``bfloat16``), ``ONDEVICE_MLX_THREADS`` and ``ONDEVICE_MLX_QUANTIZED`` override them, as do
+the constructor's keywords.
 
 Like the NumPy backend it exposes ``ops`` and ``params`` (tests/test_conformance.py runs each
 op on them), plus ``ops.from_host`` / ``ops.to_host`` to move NumPy arrays in and out.
@@ -46,7 +52,10 @@ import numpy as np
 from ..batch import BatchInput
 from ..config import ModelConfig
 from ..errors import BackendUnavailableError
+from ..memory import available_memory_bytes
 from ..modeldir import ModelDir, QuantizedTensor
+from ..models import weight_specs
+from ..quant import dequantize
 from .base import Backend
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -61,6 +70,9 @@ SPLIT_MIN_OUT = 256
 MAX_THREADS = 8  # streams on the CPU at most (one per core below that)
 # Fewest query rows of a prefill chunk worth a piece of its own on another stream.
 MIN_PIECE_ROWS = 64
+QUANTIZED_MODES = ("auto", "keep", "expand")
+# Share of the available memory a CPU load may fill with expanded quantized matrices (auto).
+EXPAND_MEMORY_SHARE = 0.25
 
 
 # -- device, dtype, streams --------------------------------------------------------------------
@@ -159,8 +171,10 @@ class _Embedding:
 class MlxLoader:
     """Turns checkpoint tensors into MLX arrays on the chosen device and dtype."""
 
-    def __init__(self, model: ModelDir, dtype: mx.Dtype, cpu: bool, threads: int):
+    def __init__(self, model: ModelDir, dtype: mx.Dtype, cpu: bool, threads: int,
+                 expand: bool = False):
         self.model = model
+        self.expand = expand  # quantized matrices become dense ones (CPU only)
         self.dtype = dtype
         self.np_dtype = {mx.float32: np.float32, mx.float16: np.float16}.get(dtype)
         self.cpu = cpu
@@ -200,6 +214,8 @@ class MlxLoader:
 
     def _linear(self, w, bias: np.ndarray | None) -> _Linear:
         b = None if bias is None else self._array(bias)
+        if isinstance(w, QuantizedTensor) and self.expand:
+            w = dequantize(w.weight, w.scales, w.biases, w.group_size, w.bits)
         if isinstance(w, QuantizedTensor):
             full = self._quantized(w)
             spans, streams = self._layout(w.shape[0])
@@ -213,6 +229,8 @@ class MlxLoader:
         return _Linear([self._array(w)], spans, streams, False, None, None, b)
 
     def embedding(self, w) -> _Embedding:
+        if isinstance(w, QuantizedTensor) and self.expand:
+            w = dequantize(w.weight, w.scales, w.biases, w.group_size, w.bits)
         if isinstance(w, QuantizedTensor):
             lin = self._linear(w, None)
             return _Embedding(quantized=lin)
@@ -548,6 +566,19 @@ def _silu_mul(gate: mx.array, up: mx.array) -> mx.array:
 _silu_mul_fused = mx.compile(_silu_mul, shapeless=True)
 
 
+def _expand_quantized(mode: str, config: ModelConfig, itemsize: int) -> bool:
+    """Whether a CPU load expands quantized matrices (see the module's docstring)."""
+    mode = mode.strip().lower() or "auto"
+    if mode not in QUANTIZED_MODES:
+        raise BackendUnavailableError(
+            f"ONDEVICE_MLX_QUANTIZED={mode!r}: choose {', '.join(QUANTIZED_MODES)}")
+    if mode != "auto":
+        return mode == "expand"
+    dense = sum(int(np.prod(spec.shape)) for spec in weight_specs(config).values()
+                if len(spec.shape) == 2) * itemsize
+    return dense <= EXPAND_MEMORY_SHARE * available_memory_bytes()
+
+
 # -- backend -----------------------------------------------------------------------------------
 class MlxBackend(Backend):
     """The model on MLX: Metal GPU when present, else MLX's CPU device."""
@@ -556,7 +587,7 @@ class MlxBackend(Backend):
 
     def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16,
                  device: str | None = None, dtype: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, quantized: str | None = None):
         super().__init__(model, num_blocks=num_blocks, block_size=block_size)
         self.device_name = device or default_device()
         if self.device_name not in ("cpu", "gpu"):
@@ -575,10 +606,13 @@ class MlxBackend(Backend):
             env = os.environ.get("ONDEVICE_MLX_THREADS", "").strip()
             threads = int(env) if env.isdigit() and int(env) > 0 else _cpu_threads()
         self.threads = threads if cpu else 1
+        self.expanded = cpu and model.is_quantized and _expand_quantized(
+            quantized or os.environ.get("ONDEVICE_MLX_QUANTIZED", ""), self.config,
+            self.dtype.size)
         c = self.config
         with mx.stream(self.device):
             self.params = self.model.load_params(
-                model, MlxLoader(model, self.dtype, cpu, self.threads)
+                model, MlxLoader(model, self.dtype, cpu, self.threads, self.expanded)
             )
             slots = num_blocks * block_size
             shape = (slots, c.num_key_value_heads, c.head_dim)

@@ -65,6 +65,8 @@ def _variants() -> list[tuple[str, str, dict]]:
         out.append((name, name, {}))
         if name == "mlx" and device != "cpu":  # a Mac: the CPU device as well as Metal
             out.append(("mlx-cpu", "mlx", {"device": "cpu"}))
+        if name == "mlx":  # quantized matrices kept (mx.quantized_matmul), not expanded
+            out.append(("mlx-keep-quantized", "mlx", {"quantized": "keep"}))
     return out
 
 

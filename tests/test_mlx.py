@@ -131,7 +131,8 @@ def test_cpu_stream_split_matches_one_stream(model_dir, q4_dir, monkeypatch, qua
     monkeypatch.setattr(mlx_backend, "MIN_PIECE_ROWS", 8)
     prompt = np.random.default_rng(0).integers(3, md.config.vocab_size, 70).tolist()
     runs = [_prefill_then_decode(MlxBackend(md, num_blocks=32, block_size=8, threads=t,
-                                            **CPU_F32), prompt, 3) for t in (1, 2, 3)]
+                                            quantized="keep", **CPU_F32), prompt, 3)
+            for t in (1, 2, 3)]
     ref = _prefill_then_decode(NumpyBackend(md, num_blocks=32, block_size=8), prompt, 3)
     for run in runs:
         for got, want in zip(run, ref, strict=True):
@@ -155,8 +156,10 @@ def test_gpu_code_paths_on_the_cpu_device(tmp_path):
 
 
 # -- the engine on MLX (same guarantees as tests/test_engine.py on NumPy) ---------------------
-def make_engine(md, num_blocks=512, block_size=8, caching=True, **kw) -> Engine:
-    backend = MlxBackend(md, num_blocks=num_blocks, block_size=block_size, **CPU_F32)
+def make_engine(md, num_blocks=512, block_size=8, caching=True, quantized=None,
+                **kw) -> Engine:
+    backend = MlxBackend(md, num_blocks=num_blocks, block_size=block_size, quantized=quantized,
+                         **CPU_F32)
     return Engine(backend, md.tokenizer, context_length=md.config.context_length,
                   enable_prefix_caching=caching, model_id="tiny", **kw)
 
@@ -208,14 +211,38 @@ def test_engine_n_samples_fork_and_copy_on_write(model_dir):
     assert mlx_out == np_out
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q4"])
+@pytest.mark.parametrize("quantized", [None, "expand", "keep"], ids=["f32", "q4-expanded",
+                                                                       "q4-kept"])
 def test_engine_tokens_match_numpy(model_dir, q4_dir, quantized):
     md = q4_dir if quantized else model_dir
     prompts = mixed_prompts(md.config.vocab_size, count=6, lengths=(4, 90), seed=9)
     reqs = [(p, GREEDY) for p in prompts]
     np_engine = Engine(NumpyBackend(md, num_blocks=512, block_size=8), None,
                        context_length=md.config.context_length, model_id="tiny")
-    assert run_all(make_engine(md), reqs) == run_all(np_engine, reqs)
+    assert run_all(make_engine(md, quantized=quantized), reqs) == run_all(np_engine, reqs)
+
+
+def test_quantized_weights_expanded_on_the_cpu_only_when_they_fit(q4_dir, monkeypatch):
+    """auto: a small quantized model is expanded to dense matrices on the CPU device (MLX's
+    CPU quantized kernel is scalar code); one that would not fit in a quarter of the available
+    memory keeps its packed weights and mx.quantized_matmul."""
+    def quantized_parts(be):
+        return sum(isinstance(p, mlx_backend._Linear) and p.quant is not None
+                   for layer in be.params.layers for p in vars(layer).values())
+
+    monkeypatch.delenv("ONDEVICE_MLX_QUANTIZED", raising=False)
+    small = MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32)
+    assert small.expanded and quantized_parts(small) == 0
+    monkeypatch.setattr(mlx_backend, "available_memory_bytes", lambda: 1 << 20)
+    tight = MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32)
+    assert not tight.expanded and quantized_parts(tight) > 0
+    monkeypatch.setenv("ONDEVICE_MLX_QUANTIZED", "expand")
+    assert MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32).expanded
+    kept = MlxBackend(q4_dir, num_blocks=8, block_size=8, quantized="keep", **CPU_F32)
+    assert not kept.expanded and quantized_parts(kept) > 0
+    monkeypatch.setenv("ONDEVICE_MLX_QUANTIZED", "sometimes")
+    with pytest.raises(BackendUnavailableError, match="ONDEVICE_MLX_QUANTIZED='sometimes'"):
+        MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32)
 
 
 def test_cli_generate_with_mlx(tiny_model_dir):
