@@ -72,6 +72,11 @@ class Model:
     def backend(self) -> str:
         return self.runtime.backend_name
 
+    @property
+    def context_limit(self) -> int:
+        """Tokens a prompt plus its reply may hold (the model's context or the KV pool)."""
+        return self.runtime.context_limit
+
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids for raw text, for chat messages (through the chat template), or ids."""
         if isinstance(prompt, str):
@@ -153,7 +158,8 @@ def load(
     max_num_batched_tokens: int = 512,
     enable_prefix_caching: bool = True,
     quiet: bool = False,
-) -> Model:
+    policy: Any = None,
+) -> Any:
     """Load a model for generation.
 
     Args:
@@ -166,8 +172,21 @@ def load(
         max_num_seqs: sequences decoded together at most.
         max_num_batched_tokens: tokens per engine step (longer prompts are chunked).
         enable_prefix_caching: reuse the KV of shared prompt prefixes across requests.
+        policy: None for a local :class:`Model`; else ``"auto"``, ``"local"``, ``"cloud"``,
+            an inference mode name, or an :class:`ondevice.policy.Policy`: returns a
+            :class:`ondevice.policy.RoutedModel` that places each request locally or on the
+            configured cloud endpoint (and loads the local engine only when needed).
     """
     path = resolve_model(model, quiet=quiet)
+    if policy is not None:
+        from .policy import Policy, RoutedModel
+
+        if not isinstance(policy, Policy):
+            policy = Policy.named(str(policy))
+        return RoutedModel(path, policy, backend, dict(
+            kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching))
     md = ModelDir(path)
     _ = md.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat
     runtime = Runtime(md, backend, kv_memory=kv_memory, block_size=block_size,

@@ -48,13 +48,17 @@ class ChatSession:
     def reset(self) -> None:
         self.messages.clear()
 
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+    def _messages(self, messages: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.model.tokenizer.encode_chat(head + messages, add_generation_prompt=True)
+        return head + list(self.messages if messages is None else messages)
+
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.model.tokenizer.encode_chat(self._messages(messages),
+                                                add_generation_prompt=True)
 
     def _fit(self) -> tuple[list[int], int]:
         """Prompt ids for the conversation, dropping the oldest turns until a reply fits."""
-        limit = self.model.runtime.context_limit
+        limit = self.model.context_limit
         reserve = min(self.params.max_tokens, max(limit // 4, 1))  # room left for the reply
         dropped = 0
         while True:
@@ -81,8 +85,10 @@ class ChatSession:
         self.last = TurnStats(prompt_tokens=len(ids), dropped_messages=dropped)
         reply: list[str] = []
         t0 = time.perf_counter()
+        # A routed model may send the turn to a cloud endpoint, which takes messages, not ids.
+        prompt = self._messages() if getattr(self.model, "routes_requests", False) else ids
         try:
-            for chunk in self.model.stream(ids, self.params):
+            for chunk in self.model.stream(prompt, self.params):
                 reply.append(chunk.text)
                 yield chunk
         finally:
@@ -96,12 +102,11 @@ class ChatSession:
             self.total_generated += timings.generated_tokens
 
     def stats(self) -> dict[str, object]:
-        rt = self.model.runtime
         return {
-            "backend": rt.backend_name,
+            "backend": self.model.backend,
             "messages": len(self.messages),
             "context_tokens": len(self._render(self.messages)) if self.messages else 0,
-            "context_limit": rt.context_limit,
+            "context_limit": self.model.context_limit,
             "last_prompt_tokens": self.last.prompt_tokens,
             "last_cached_prompt_tokens": self.last.cached_prompt_tokens,
             "last_generated_tokens": self.last.generated_tokens,

@@ -27,3 +27,17 @@ class RequestError(OndeviceError, ValueError):
 
 class BackendUnavailableError(OndeviceError):
     """A backend was asked for but cannot run on this machine; the message says why."""
+
+
+class PolicyConfigError(OndeviceError):
+    """A device profile, cloud configuration or model manifest for the policy is invalid."""
+
+
+class PolicyError(OndeviceError):
+    """The policy cannot place a request anywhere it is allowed to run (for example a private
+    request that does not fit on this device); the message says why."""
+
+
+class CloudError(OndeviceError):
+    """A cloud endpoint failed: unreachable, timed out, or answered with an error. The message
+    never contains the API key."""

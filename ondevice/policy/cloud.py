@@ -1,0 +1,279 @@
+"""The cloud side: an endpoint's configuration and a streaming client for any OpenAI-compatible
+``/v1/chat/completions`` (and ``/v1/completions`` for raw text).
+
+The API key lives in a :class:`Secret`, whose ``repr``/``str`` are ``***``; it is read from an
+environment variable (``ONDEVICE_CLOUD_API_KEY`` unless the config names another) or the
+config file, and it only ever leaves this module as an ``Authorization`` header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import CloudError, PolicyConfigError
+from .estimate import CloudEstimate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_API_KEY"
+CONFIG_ENV = "ONDEVICE_CLOUD_CONFIG"
+URL_ENV = "ONDEVICE_CLOUD_URL"
+
+
+class Secret:
+    """A string that does not print itself. ``reveal()`` is the only way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __reduce__(self):  # no pickling into logs or caches
+        raise TypeError("a Secret cannot be pickled")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """One OpenAI-compatible endpoint: where it is, which model, what it costs, how fast.
+
+    ``url`` is the API base (``https://api.example.com/v1``; a base without ``/v1`` gets it).
+    ``ttft_seconds`` and ``tokens_per_second`` are the provider's typical figures (for the
+    estimates); prices are US dollars per million tokens.
+    """
+
+    url: str
+    model: str = "default"
+    api_key: Secret | None = field(default=None, repr=False)
+    api_key_env: str = DEFAULT_KEY_ENV
+    timeout: float = 60.0  # seconds without data before a stream counts as dead
+    connect_timeout: float = 3.0
+    retries: int = 1
+    ttft_seconds: float = 0.6
+    tokens_per_second: float = 60.0
+    price_input_per_mtok: float = 0.0
+    price_output_per_mtok: float = 0.0
+
+    @property
+    def base_url(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/v1") else url + "/v1"
+
+    @property
+    def has_key(self) -> bool:
+        return self.api_key is not None
+
+    def estimate(self, prompt_tokens: int, max_new_tokens: int) -> CloudEstimate:
+        """Latency and price of one request from the configured figures."""
+        total = self.ttft_seconds + max(max_new_tokens - 1, 0) / self.tokens_per_second
+        cost = (prompt_tokens * self.price_input_per_mtok
+                + max_new_tokens * self.price_output_per_mtok) / 1e6
+        return CloudEstimate(self.base_url, self.ttft_seconds, self.tokens_per_second, total, cost)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view; the key shows only as whether one is set."""
+        return {"url": self.base_url, "model": self.model, "api_key": "set" if self.has_key
+                else "not set", "api_key_env": self.api_key_env, "timeout": self.timeout,
+                "connect_timeout": self.connect_timeout, "retries": self.retries,
+                "ttft_seconds": self.ttft_seconds, "tokens_per_second": self.tokens_per_second,
+                "price_input_per_mtok": self.price_input_per_mtok,
+                "price_output_per_mtok": self.price_output_per_mtok}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "cloud config") -> CloudConfig:
+        if not data.get("url"):
+            raise PolicyConfigError(f"{source}: 'url' is missing")
+        known = {f for f in cls.__dataclass_fields__ if f != "api_key"}
+        unknown = sorted(set(data) - known - {"api_key"})
+        if unknown:
+            raise PolicyConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        key_env = str(data.get("api_key_env", DEFAULT_KEY_ENV))
+        key = os.environ.get(key_env) or data.get("api_key")
+        return cls(**kwargs, api_key=Secret(str(key)) if key else None)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, *, url: str | None = None
+             ) -> CloudConfig | None:
+        """The cloud configuration: ``path``, else ``$ONDEVICE_CLOUD_CONFIG``, else
+        ``cloud.toml`` in the ondevice home; ``url`` (or ``$ONDEVICE_CLOUD_URL``) overrides
+        the file's URL. None when no cloud is configured."""
+        from ..default_model import home
+
+        data: dict[str, Any] = {}
+        p = Path(path) if path else Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) \
+            else home() / "cloud.toml"
+        if path and not p.is_file():
+            raise PolicyConfigError(f"cloud config {p} not found")
+        if p.is_file():
+            try:
+                text = p.read_text()
+                data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+            except (ValueError, tomllib.TOMLDecodeError) as err:
+                # The parser's message may quote the offending line, which may hold the key.
+                raise PolicyConfigError(f"cloud config {p}: cannot parse it "
+                                        f"({type(err).__name__})") from None
+            data = data.get("cloud", data)
+        url = url or os.environ.get(URL_ENV)
+        if url:
+            data = dict(data, url=url)
+        if not data:
+            return None
+        return cls.from_dict(data, source=f"cloud config {p}")
+
+    def with_url(self, url: str) -> CloudConfig:
+        return replace(self, url=url)
+
+
+def reachable(config: CloudConfig, timeout: float | None = None) -> bool:
+    """Whether the endpoint's host accepts a TCP connection (the policy's "online" fact)."""
+    parts = urlsplit(config.base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port),
+                                      timeout=timeout or config.connect_timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class CloudChunk:
+    """One streamed piece of a cloud reply."""
+
+    text: str
+    finish_reason: str | None = None
+    index: int = 0
+
+
+class CloudClient:
+    """Streams completions from a :class:`CloudConfig`'s endpoint with httpx.
+
+    Connection failures, timeouts, 429 and 5xx answers are retried ``config.retries`` times
+    (once by default) as long as nothing has been streamed yet; then :class:`CloudError`.
+    """
+
+    def __init__(self, config: CloudConfig, transport=None):
+        import httpx
+
+        self.config = config
+        timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
+        self._http = httpx.Client(timeout=timeout, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"CloudClient({self.config.base_url!r}, model={self.config.model!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream"}
+        if self.config.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.config.api_key.reveal()}"
+        return headers
+
+    def _scrub(self, text: str) -> str:
+        key = self.config.api_key.reveal() if self.config.api_key else None
+        return text.replace(key, "***") if key else text
+
+    def stream_chat(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[CloudChunk]:
+        """Stream a chat completion of ``messages``. ``params``: OpenAI request fields
+        (max_tokens, temperature, top_p, seed, stop, n)."""
+        body = {"model": self.config.model, "messages": messages, "stream": True, **params}
+        yield from self._stream("/chat/completions", body, chat=True)
+
+    def stream_completion(self, prompt: str, **params: Any) -> Iterator[CloudChunk]:
+        """Stream a plain text completion of ``prompt`` (``/v1/completions``)."""
+        body = {"model": self.config.model, "prompt": prompt, "stream": True, **params}
+        yield from self._stream("/completions", body, chat=False)
+
+    def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[CloudChunk]:
+        import httpx
+
+        url = self.config.base_url + path
+        attempts = 1 + max(self.config.retries, 0)
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            started = False
+            try:
+                with self._http.stream("POST", url, json=body, headers=self._headers()) as resp:
+                    if resp.status_code != 200:
+                        detail = self._error_detail(resp)
+                        if (resp.status_code == 429 or resp.status_code >= 500) and not last:
+                            continue
+                        raise CloudError(f"cloud endpoint {self.config.base_url} answered "
+                                         f"{resp.status_code}: {detail}")
+                    for chunk in self._events(resp, chat):
+                        started = True
+                        yield chunk
+                    return
+            except httpx.HTTPError as err:
+                if started or last:
+                    what = "stopped mid-reply" if started else "failed"
+                    raise CloudError(f"cloud endpoint {self.config.base_url} {what}: "
+                                     f"{self._scrub(_describe(err))}") from None
+                continue
+
+    def _error_detail(self, resp) -> str:
+        try:
+            resp.read()
+            msg = resp.json().get("error", {}).get("message", "")
+        except Exception:  # noqa: BLE001  (any body: only a hint for the message)
+            msg = ""
+        return self._scrub(str(msg)[:200]) or resp.reason_phrase
+
+    def _events(self, resp, chat: bool) -> Iterator[CloudChunk]:
+        done = False
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                event = json.loads(data)
+            except ValueError:
+                raise CloudError(f"cloud endpoint {self.config.base_url} sent a malformed "
+                                 "event") from None
+            if "error" in event:
+                msg = self._scrub(str(event["error"].get("message", "error"))[:200])
+                raise CloudError(f"cloud endpoint {self.config.base_url} stopped mid-reply: {msg}")
+            for choice in event.get("choices", ()):
+                text = (choice.get("delta", {}).get("content") if chat else choice.get("text"))
+                if text or choice.get("finish_reason"):
+                    yield CloudChunk(text or "", choice.get("finish_reason"),
+                                     int(choice.get("index", 0)))
+        if not done:
+            raise CloudError(f"cloud endpoint {self.config.base_url} stopped mid-reply: the "
+                             "stream ended without [DONE]")
+
+
+def _describe(err: Exception) -> str:
+    # httpx messages name the URL, never the headers; keep the class for a timeout's sake.
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if text != type(err).__name__ else text
