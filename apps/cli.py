@@ -96,9 +96,14 @@ def _params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, 
     )
 
 
-def _load(model, backend, kv_memory):
+def _load(model, backend, kv_memory, policy=None, cloud_url=None):
     from .. import load
 
+    if policy or cloud_url:
+        from ..policy import Policy
+
+        return load(model, backend, kv_memory=kv_memory,
+                    policy=Policy.named(policy or "auto", cloud_url=cloud_url))
     return load(model, backend, kv_memory=kv_memory)
 
 
@@ -108,7 +113,15 @@ def _load(model, backend, kv_memory):
 @click.option("--max-tokens", "-n", type=int, default=512, show_default=True)
 @click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
               help="Load the system prompt's KV from FILE, or save it there on first use.")
-def chat(model, backend, kv_memory, system, max_tokens, prompt_cache, **sampling) -> None:
+@click.option("--policy", type=click.Choice(["auto", "local", "cloud"]), default=None,
+              help="Place each reply: auto (local unless it does not fit or is too slow), "
+                   "local (never the cloud), cloud (falls back to local when offline). "
+                   "/stats says where each reply ran.")
+@click.option("--cloud-url", default=None,
+              help="OpenAI-compatible endpoint for --policy [env: ONDEVICE_CLOUD_URL, or "
+                   "cloud.toml in the ondevice home; key: ONDEVICE_CLOUD_API_KEY].")
+def chat(model, backend, kv_memory, system, max_tokens, prompt_cache, policy, cloud_url,
+         **sampling) -> None:
     """Chat with a model. Without a terminal, reads stdin as one message and prints the reply."""
     from pathlib import Path
 
@@ -116,7 +129,8 @@ def chat(model, backend, kv_memory, system, max_tokens, prompt_cache, **sampling
     from .repl import run_repl
 
     params = _params(max_tokens, **sampling)
-    session = ChatSession(_load(model, backend, kv_memory), params, system=system)
+    session = ChatSession(_load(model, backend, kv_memory, policy, cloud_url), params,
+                          system=system)
     if prompt_cache:
         if Path(prompt_cache).exists():
             n = session.model.load_prompt_cache(prompt_cache)

@@ -152,6 +152,14 @@ class RoutedModel:
             out.update(self._local.stats())
         return out
 
+    def save_prompt_cache(self, path, prompt: Prompt) -> int:
+        """See :meth:`ondevice.Model.save_prompt_cache` (a local engine feature)."""
+        return self.load_local().save_prompt_cache(path, prompt)
+
+    def load_prompt_cache(self, path) -> int:
+        """See :meth:`ondevice.Model.load_prompt_cache` (a local engine feature)."""
+        return self.load_local().load_prompt_cache(path)
+
     def close(self) -> None:
         if self._local is not None:
             self._local.close()
