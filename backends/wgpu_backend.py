@@ -50,7 +50,8 @@ RELEASE_EVERY = 64 << 20  # bytes uploaded between drops of the checkpoint's map
 # Rows of x up to which the decode GEMV kernels run (one weight row per invocation, every x
 # row against it); above it, the tiled kernels. Measured on lavapipe (benchmarks/bench_wgpu.py).
 GEMV_MAX_ROWS = 4
-TILE = 4  # register tile of the prefill kernels: TILE x rows by TILE weight rows per invocation
+GEMV_ROWS = 8  # weight rows per invocation of the GEMV kernels (each x load serves all of them)
+TILE = 8  # register tile of the prefill kernels: TILE x rows by TILE weight rows per invocation
 MAX_GROUPS = 65535  # workgroups per grid dimension (the WebGPU default limit)
 PARAM_CACHE = 4096  # parameter buffers and bind groups kept before the caches are reset
 BUF = wgpu.BufferUsage
@@ -122,6 +123,26 @@ def choose_adapter():
             "Mesa's lavapipe: mesa-vulkan-drivers)")
     _chosen[want] = a
     return a
+
+
+def adapter_report() -> list[str]:
+    """One line per adapter wgpu sees (name, backend, device type), the one in use marked;
+    for ``ondevice backends``."""
+    try:
+        adapters = _all_adapters()
+    except Exception as err:  # a broken driver stack: say so rather than fail the listing
+        return [f"wgpu adapters: none ({err})"]
+    try:
+        used = choose_adapter()
+    except BackendUnavailableError:
+        used = None
+    used_info = _info(used) if used is not None else None
+    lines = []
+    for a in adapters:
+        inf = _info(a)
+        mark = "  <- used" if inf == used_info else ""
+        lines.append(f"wgpu adapter: {inf.describe()}{mark}")
+    return lines or ["wgpu adapters: none"]
 
 
 def default_dtype(adapter) -> str:
@@ -553,7 +574,7 @@ class WgpuOps:
             if w.bias is not None and len(w.parts) > 1:
                 bias_buf = self._part_bias(w, part)
             if x.rows <= GEMV_MAX_ROWS:
-                groups = _grid(-(-n_out // 64))
+                groups = _grid(-(-n_out // (64 * GEMV_ROWS)))
                 grid = (*groups, 1)
                 rt = x.rows
             else:
@@ -563,7 +584,7 @@ class WgpuOps:
                 vec = 4 if w.in_features % 4 == 0 else 1
                 nin = w.in_features // vec
                 params = (x.rows, nin, n_out, w.out_features, part.lo, has_bias)
-                subst = self.be.subst(w.wtype, vec) | {"RT": rt}
+                subst = self.be.subst(w.wtype, vec) | {"RT": rt, "CR": GEMV_ROWS}
                 if x.rows <= GEMV_MAX_ROWS:
                     self._dispatch("gemv", subst, None, params, [part.w, x.buf, bias_buf,
                                                                  out.buf], grid)
@@ -575,7 +596,7 @@ class WgpuOps:
                 params = (x.rows, w.in_features, n_out, w.out_features, part.lo, has_bias)
                 consts = {"BITS": bits, "GS": gs}
                 name = "gemv_q" if x.rows <= GEMV_MAX_ROWS else "matmul_q"
-                subst = {"RT": rt} | ({} if name == "gemv_q" else {"CT": TILE})
+                subst = {"RT": rt} | ({"CR": GEMV_ROWS} if name == "gemv_q" else {"CT": TILE})
                 self._dispatch(name, subst, consts, params,
                                [part.w, part.sb, x.buf, bias_buf, out.buf], grid)
         return out
@@ -775,6 +796,12 @@ class WgpuBackend(Backend):
                     "XV": "vec4<f32>", "DOT": "dot"}
         return {"ENABLE": enable, "WT": wtype, "KT": wtype, "WV": wtype, "XV": "f32",
                 "DOT": "mul1"}
+
+    @classmethod
+    def dtypes(cls) -> tuple[str, ...]:
+        """The dtypes the chosen adapter can run (float16 needs shader-f16)."""
+        adapter = choose_adapter()
+        return DTYPES if "shader-f16" in adapter.features else ("float32",)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

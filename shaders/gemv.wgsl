@@ -1,11 +1,13 @@
 // Decode matrix-vector product for dense weights: y[t, yoff + r] = dot(W[r, :], x[t, :]) (+ b[r])
-// for up to RT rows of x. Each invocation owns one weight row and streams it once, with
-// vector loads, for all RT rows of x: the weight bytes are read exactly once,
-// which is what bounds a decode step.
+// for up to RT rows of x. Each invocation owns CR consecutive weight rows and streams them once
+// with vector loads, for all RT rows of x. On lavapipe (shaders run on CPU threads) every
+// per-lane load is costly, so sharing each loaded x vector between CR weight rows is what
+// raises the weight bandwidth (measured: CR = 8 about 1.7x CR = 1).
 // Template: $ENABLE, $WV (weight load type), $XV (x load type), $DOT (dot of two $XV).
 $ENABLE
 override WG: u32 = 64u;
 const RT: u32 = $RT;
+const CR: u32 = $CR;
 
 struct P { rows: u32, nin: u32, nout: u32, ystride: u32, yoff: u32, has_bias: u32, _a: u32, _b: u32 }
 
@@ -21,19 +23,27 @@ fn mul1(a: f32, b: f32) -> f32 { return a * b; }
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let r = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (r >= p.nout) { return; }
-    var acc: array<f32, RT>;
-    let base = r * p.nin;
+    let r0 = ((wid.x + wid.y * nwg.x) * WG + lid) * CR;
+    if (r0 >= p.nout) { return; }
+    var acc: array<array<f32, CR>, RT>;
+    // Rows past the end read the last row again (their results are not stored).
+    var wb: array<u32, CR>;
+    for (var c = 0u; c < CR; c++) { wb[c] = min(r0 + c, p.nout - 1u) * p.nin; }
     for (var k = 0u; k < p.nin; k++) {
-        let wv = $XV(w[base + k]);
+        var wv: array<$XV, CR>;
+        for (var c = 0u; c < CR; c++) { wv[c] = $XV(w[wb[c] + k]); }
         for (var t = 0u; t < RT; t++) {
-            acc[t] += $DOT(wv, x[min(t, p.rows - 1u) * p.nin + k]);
+            let xv = x[min(t, p.rows - 1u) * p.nin + k];
+            for (var c = 0u; c < CR; c++) { acc[t][c] += $DOT(wv[c], xv); }
         }
     }
-    var b = 0.0;
-    if (p.has_bias != 0u) { b = bias[r]; }
-    for (var t = 0u; t < min(RT, p.rows); t++) {
-        y[t * p.ystride + p.yoff + r] = acc[t] + b;
+    for (var c = 0u; c < CR; c++) {
+        let r = r0 + c;
+        if (r >= p.nout) { break; }
+        var b = 0.0;
+        if (p.has_bias != 0u) { b = bias[r]; }
+        for (var t = 0u; t < min(RT, p.rows); t++) {
+            y[t * p.ystride + p.yoff + r] = acc[t][c] + b;
+        }
     }
 }
