@@ -161,9 +161,9 @@ def explain(model, profile_path, prompt_tokens, max_tokens, private, mode, ttft_
     click.echo(f"  {'backend':8} {'proc':5} {'fits':5} {'memory':>17} {'decode':>11} "
                f"{'TTFT':>9} {'total':>9}  note")
     for e in d.estimates:
-        if not e.processor:
-            click.echo(f"  {e.backend:8} {'-':5} {'-':5} {'':>17} {'':>11} {'':>9} {'':>9}  "
-                       f"{e.why}")
+        if not e.processor or not e.memory_needed:  # not on this device, or no export
+            click.echo(f"  {e.backend:8} {e.processor or '-':5} {'-':5} {'':>17} {'':>11} "
+                       f"{'':>9} {'':>9}  {e.why}")
             continue
         mem = f"{e.memory_needed / 1e9:.2f}/{e.memory_usable / 1e9:.2f} GB"
         click.echo(f"  {e.backend:8} {e.processor:5} {'yes' if e.fits else 'no':5} {mem:>17} "

@@ -177,8 +177,9 @@ def decide(profile: DeviceProfile, model: ModelRequirements, request: Request,
             return local(frugal, f"{constrained}: {frugal.backend} on the Neural Engine uses the "
                                  "least energy")
         if cloud_ok:
-            return cloud(f"{constrained}: the cloud spares the battery (no Core ML export or "
-                         "Neural Engine here)")
+            why = ("no Core ML export of this model" if profile.has_neural_engine
+                   and "coreml" in profile.backends else "no Neural Engine backend here")
+            return cloud(f"{constrained}: the cloud spares the battery ({why})")
         return local(frugal, f"{constrained}: {frugal.backend} ({frugal.processor}) is the "
                              "least energy-hungry local backend")
 
