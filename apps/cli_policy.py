@@ -10,10 +10,15 @@ import click
 MODE_CHOICE = click.Choice(["prefer_local", "only_local", "prefer_cloud", "only_cloud"])
 
 
-def _profile(path):
-    from ..policy import DeviceProfile
+def _profile(path, cloud=None):
+    from dataclasses import replace
 
-    return DeviceProfile.load(path) if path else DeviceProfile.detect()
+    from ..policy import DeviceProfile, reachable
+
+    if path:
+        prof = DeviceProfile.load(path)
+        return replace(prof, online=reachable(cloud)) if cloud is not None else prof
+    return DeviceProfile.detect(cloud=cloud)
 
 
 def _gb(n: float) -> str:
@@ -28,8 +33,10 @@ def _gb(n: float) -> str:
               help="Measure each local backend on this machine with a short run and cache it.")
 @click.option("--model", "-m", default=None, help="Model for --calibrate [default model].")
 @click.option("--list", "list_profiles", is_flag=True, help="List the shipped device profiles.")
+@click.option("--cloud-url", default=None,
+              help="Also check that this cloud endpoint is reachable (a TCP connect).")
 @click.option("--json", "as_json", is_flag=True)
-def devices(profile_path, calibrate, model, list_profiles, as_json) -> None:
+def devices(profile_path, calibrate, model, list_profiles, cloud_url, as_json) -> None:
     """Describe this device (or a profile): memory, bandwidth, GPUs, backends, battery."""
     from ..policy import shipped_profiles
 
@@ -49,7 +56,10 @@ def devices(profile_path, calibrate, model, list_profiles, as_json) -> None:
 
         click.echo("calibrating (a short generation on each backend)...", err=True)
         calibration = run_calibration(model)
-    prof = _profile(profile_path)
+    from ..policy import CloudConfig
+
+    cloud = CloudConfig.load(url=cloud_url) if cloud_url else None
+    prof = _profile(profile_path, cloud)
     if as_json:
         data = prof.to_dict()
         if calibration is not None:
@@ -75,6 +85,9 @@ def devices(profile_path, calibrate, model, list_profiles, as_json) -> None:
          + (f", thermal {prof.thermal_state}" if prof.thermal_state else "")),
         ("backends", ", ".join(prof.backends) or "-"),
     ]
+    if cloud is not None:
+        rows.append(("cloud", f"{cloud.base_url} "
+                     + ("reachable" if prof.online else "unreachable (offline)")))
     for name, note in prof.backend_notes.items():
         if name not in prof.backends:
             rows.append((f"  no {name}", note))

@@ -433,3 +433,35 @@ def test_cli_devices():
     assert r.exit_code == 1 and "not found" in r.output
     r = runner.invoke(cli, ["devices"])
     assert r.exit_code == 0 and "bandwidth" in r.output
+
+
+@pytest.mark.real_model
+def test_requirements_of_the_default_model(real_model_dir):
+    # SmolLM2-135M at float32: 134.5M parameters x 4 bytes in the safetensors file.
+    req = ModelRequirements.from_model_dir(real_model_dir)
+    assert req.quantization == "f32" and req.params == pytest.approx(134.5e6, rel=0.01)
+    assert req.weight_bytes == pytest.approx(req.params * 4, rel=0.01)
+    assert req.context_length == 8192
+    # The same model as a published architecture: the same size and KV per token.
+    assert req.params == synthetic("135m", "f32").params
+    assert req.kv_bytes_per_token == synthetic("135m").kv_bytes_per_token
+
+
+def test_devices_probes_the_cloud_only_when_asked():
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    try:
+        r = CliRunner().invoke(cli, ["devices", "--profile", "vm", "--cloud-url",
+                                     f"http://127.0.0.1:{port}", "--json"])
+        assert json.loads(r.output)["online"] is True
+        conn, _ = srv.accept()  # the probe's connection really arrived
+        conn.close()
+    finally:
+        srv.close()
+    r = CliRunner().invoke(cli, ["devices", "--profile", "vm", "--cloud-url",
+                                 f"http://127.0.0.1:{port}"])
+    assert "unreachable (offline)" in r.output
+    r = CliRunner().invoke(cli, ["devices", "--profile", "vm", "--json"])
+    assert json.loads(r.output)["online"] is None

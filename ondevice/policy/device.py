@@ -155,11 +155,12 @@ class DeviceProfile:
 
     # -- detection -------------------------------------------------------------------------
     @classmethod
-    def detect(cls, *, measure_bandwidth: bool = True, probe_backends: bool = True
-               ) -> DeviceProfile:
+    def detect(cls, *, measure_bandwidth: bool = True, probe_backends: bool = True,
+               cloud: Any = None) -> DeviceProfile:
         """This machine's profile, read from the OS (psutil, platform, sysctl, /proc) and the
-        backend registry. The cloud's reachability is not checked here (see
-        :func:`ondevice.policy.cloud.reachable`): a private request must not touch the network.
+        backend registry. ``cloud`` (a :class:`~ondevice.policy.CloudConfig`): also check
+        that endpoint's reachability with a TCP connect; without it ``online`` stays None, so
+        that detecting a device for a private request never touches the network.
 
         Bandwidth comes from the published figure of an Apple chip, else from a short copy
         benchmark (cached on disk by :mod:`ondevice.policy.calibrate`).
@@ -194,6 +195,11 @@ class DeviceProfile:
         battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
         low_power, thermal = _power_state(system)
         calibration = load_calibration()
+        online = None
+        if cloud is not None:
+            from .cloud import reachable
+
+            online = reachable(cloud)
         return cls(
             name=f"this machine ({platform.node() or 'unknown'})", os=system, arch=arch,
             cpu=cpu or "unknown", cpu_cores=cores, memory_total=vm.total,
@@ -203,7 +209,8 @@ class DeviceProfile:
             metal=system == "macos" and arch == "arm64", gpus=gpus,
             battery_percent=float(battery.percent) if battery else None,
             charging=bool(battery.power_plugged) if battery else None,
-            low_power_mode=low_power, thermal_state=thermal, bandwidth_measured=measured,
+            low_power_mode=low_power, thermal_state=thermal, online=online,
+            bandwidth_measured=measured,
             efficiency=calibration, backend_notes=notes, source="detected",
         )
 

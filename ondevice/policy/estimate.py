@@ -21,6 +21,8 @@ MEMORY_HEADROOM = 0.85
 RUNTIME_OVERHEAD = 256 << 20
 # Fixed start-up cost of a request before the first prefill FLOP (scheduling, tokenizing).
 LOCAL_FIXED_TTFT = 0.02
+# The MLX backend's rule for expanding quantized weights on the CPU (share of free memory).
+MLX_CPU_EXPAND_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,11 @@ def estimate_local(profile: DeviceProfile, model: ModelRequirements, backend: st
                           traits.processor)
     tokens = prompt_tokens + max_new_tokens
     weights = model.dense_f32_bytes if traits.weights == "dense_f32" else model.weight_bytes
+    if (backend == "mlx" and traits.processor == "cpu" and model.quantization in ("q4", "q8")
+            and model.dense_f32_bytes <= MLX_CPU_EXPAND_SHARE * profile.memory_available):
+        # MLX's CPU quantized kernel is scalar, so the backend expands a quantized checkpoint
+        # to dense float32 at load when that fits (backends/mlx_backend.py): plan for that.
+        weights = model.dense_f32_bytes
     kv_per_token = model.kv_bytes_per_token * traits.kv_itemsize // 2  # model figure is f16
     needed = weights + kv_per_token * tokens + RUNTIME_OVERHEAD
     fits = needed <= usable
