@@ -198,6 +198,9 @@ class Device:
         self._pipelines: dict[tuple, Any] = {}
         self._params: dict[bytes, Any] = {}
         self._free: dict[tuple[int, int], list[Any]] = defaultdict(list)
+        self._serial: dict[int, int] = {}
+        self._keep: list[Any] = []
+        self._reorder = False
 
     def pipeline(self, shader: str, subst: dict[str, Any] | None = None,
                  constants: dict[str, int] | None = None):
@@ -230,12 +233,28 @@ class Device:
         return buf
 
     def take(self, nbytes: int, usage: int) -> Any:
+        """A pooled buffer of at least ``nbytes``."""
+        if self._reorder:
+            # Every step starts from the same order of free buffers, so that a step of the
+            # same shape gets the same buffers as the last one and finds its bind groups cached.
+            for free in self._free.values():
+                free.sort(key=lambda b: -self._serial[id(b)])
+            self._reorder = False
         size = _bucket(nbytes)
         free = self._free[(size, usage)]
-        return free.pop() if free else self.device.create_buffer(size=size, usage=usage)
+        if free:
+            return free.pop()
+        buf = self.device.create_buffer(size=size, usage=usage)
+        self._serial[id(buf)] = len(self._serial)
+        self._keep.append(buf)  # pooled buffers live as long as the device (ids stay unique)
+        return buf
 
     def give(self, buf) -> None:
         self._free[(buf.size, buf.usage)].append(buf)
+
+    def new_step(self) -> None:
+        """Called after each submit: the next take restores the canonical pool order."""
+        self._reorder = True
 
     def buffer(self, data: np.ndarray, usage: int = BUF.STORAGE | BUF.COPY_SRC) -> Any:
         """A persistent buffer holding ``data`` (padded to 16 bytes)."""
@@ -507,6 +526,7 @@ class WgpuOps:
         for buf in self._uploads:
             self.dev.give(buf)
         self._uploads.clear()
+        self.dev.new_step()
         self._step.clear()
         self.last_flush = {"submit_s": t1 - t0, "wait_readback_s": t2 - t1,
                            "dispatches": self.dispatches}

@@ -1,0 +1,334 @@
+"""The wgpu backend beyond single ops (those are in test_conformance.py): adapter choice and
+listing, one submit per step with cached GPU objects, float16 and quantized paths, tensors split
+over several storage bindings, GPU top-k, the engine's equivalence guarantees on wgpu, the CLI,
+and the golden check on the real model at float32.
+
+Runs for real on whatever adapter wgpu finds (Mesa lavapipe on a machine without a GPU). Under
+CI a missing adapter is a failure; elsewhere the module is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_engine import GREEDY, mixed_prompts, run_all
+from tiny import tiny_config, write_model
+
+import ondevice
+from ondevice.apps.cli import cli
+from ondevice.backends import available_backends
+from ondevice.backends.numpy_backend import NumpyBackend
+from ondevice.batch import BatchInput
+from ondevice.engine import Engine
+from ondevice.errors import BackendUnavailableError, OndeviceError
+from ondevice.modeldir import ModelDir
+from ondevice.sampling import SamplingParams
+
+pytest.importorskip("wgpu")
+_ok, _why = available_backends()["wgpu"]
+if not _ok:
+    if os.environ.get("CI"):
+        pytest.fail(f"wgpu must run in CI: {_why}", pytrace=False)
+    pytest.skip(_why, allow_module_level=True)
+
+from ondevice.backends import wgpu_backend  # noqa: E402
+from ondevice.backends.wgpu_backend import WgpuBackend  # noqa: E402
+
+F32 = {"dtype": "float32"}
+HAS_F16 = "float16" in WgpuBackend.dtypes()
+
+
+def nmse(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(((got - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return ModelDir(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def quant_dirs(tmp_path_factory):
+    """Tiny models quantized to q4 (groups of 32) and q8 (groups of 64)."""
+    return {bits: ModelDir(write_model(tmp_path_factory.mktemp(f"q{bits}"), tiny_config(),
+                                       bits=bits, group_size=gs))
+            for bits, gs in ((4, 32), (8, 64))}
+
+
+def _steps(be, prompt: list[int], decode: int) -> list[np.ndarray]:
+    """Logits of a prefill then ``decode`` greedy steps, on any backend."""
+    bs = be.block_size
+    blocks = list(range(1, 2 + (len(prompt) + decode) // bs))
+    out = [be.forward(BatchInput.build([(prompt, 0, blocks)], bs))]
+    for i in range(decode):
+        tok = int(out[-1][-1].argmax())
+        out.append(be.forward(BatchInput.build([([tok], len(prompt) + i, blocks)], bs)))
+    return out
+
+
+# -- adapters -----------------------------------------------------------------------------------
+def test_backends_lists_every_adapter_and_the_one_used():
+    r = CliRunner().invoke(cli, ["backends"])
+    assert r.exit_code == 0, r.output
+    lines = [ln.strip() for ln in r.output.splitlines() if "wgpu adapter:" in ln]
+    assert len(lines) == len(wgpu_backend.list_adapters()) >= 1
+    assert sum(ln.endswith("<- used") for ln in lines) == 1
+    used = wgpu_backend._info(wgpu_backend.choose_adapter())
+    assert any(used.describe() in ln and ln.endswith("<- used") for ln in lines)
+    wgpu_line = next(ln for ln in r.output.splitlines() if ln.startswith("wgpu "))
+    assert "available" in wgpu_line and used.name in wgpu_line
+
+
+def test_adapter_chosen_by_name(monkeypatch):
+    first = wgpu_backend.list_adapters()[0]
+    monkeypatch.setenv("ONDEVICE_WGPU_ADAPTER", first.backend_type.upper())
+    ok, device = WgpuBackend.availability()
+    assert ok and first.backend_type in device
+
+
+def test_unknown_adapter_is_a_clear_error(model_dir, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("ONDEVICE_WGPU_ADAPTER", "no-such-gpu-9000")
+    ok, why = WgpuBackend.availability()
+    assert not ok and "'no-such-gpu-9000' matches no adapter" in why and "seen:" in why
+    with pytest.raises(BackendUnavailableError, match="no-such-gpu-9000"):
+        WgpuBackend(model_dir, num_blocks=4)
+    r = CliRunner().invoke(cli, ["generate", "-m", str(tiny_model_dir), "--backend", "wgpu",
+                                 "-p", "hi", "-n", "2"])
+    assert r.exit_code == 1
+    assert "no-such-gpu-9000" in r.output and "Traceback" not in r.output
+
+
+def test_dtype_choices(model_dir, monkeypatch):
+    monkeypatch.setenv("ONDEVICE_WGPU_DTYPE", "float64")
+    ok, why = WgpuBackend.availability()
+    assert not ok and "ONDEVICE_WGPU_DTYPE" in why
+    monkeypatch.delenv("ONDEVICE_WGPU_DTYPE")
+    with pytest.raises(BackendUnavailableError, match="bfloat16"):
+        WgpuBackend(model_dir, num_blocks=4, dtype="bfloat16")
+    be = WgpuBackend(model_dir, num_blocks=4)
+    assert be.dtype_name == ("float16" if HAS_F16 else "float32")
+    assert WgpuBackend.kv_bytes_per_token(model_dir.config) == \
+        NumpyBackend.kv_bytes_per_token(model_dir.config, 2 if HAS_F16 else 4)
+
+
+def test_kv_pool_over_the_binding_limit_is_a_clear_error(model_dir):
+    with pytest.raises(OndeviceError, match="binding limit"):
+        WgpuBackend(model_dir, num_blocks=64, block_size=16, max_binding=4096, **F32)
+
+
+# -- one submit per step, cached GPU objects --------------------------------------------------
+def test_one_submit_per_step_and_no_new_gpu_objects_when_warm(model_dir, monkeypatch):
+    be = WgpuBackend(model_dir, num_blocks=16, block_size=8, **F32)
+    prompt = list(range(3, 30))
+    _steps(be, prompt, 2)  # warm: pipelines, bind groups, parameters, pooled buffers
+    submits = []
+    queue = be.dev.queue
+    real = queue.submit
+
+    def submit(bufs):
+        # wgpu-py's buffer mapping submits an empty command list of its own: count ours.
+        if sys._getframe(1).f_globals["__name__"] == wgpu_backend.__name__:
+            submits.append(len(bufs))
+        return real(bufs)
+
+    monkeypatch.setattr(queue, "submit", submit)
+    counts = (len(be.dev._pipelines), len(be.dev._params), len(be.ops._groups))
+    _steps(be, prompt, 2)
+    assert submits == [1, 1, 1]  # one command buffer per forward
+    assert (len(be.dev._pipelines), len(be.dev._params), len(be.ops._groups)) == counts
+
+
+# -- precision and weight formats -------------------------------------------------------------
+@pytest.mark.skipif(not HAS_F16, reason="the adapter has no shader-f16")
+def test_float16_forward_close_to_numpy(model_dir):
+    prompt = np.random.default_rng(3).integers(3, model_dir.config.vocab_size, 45).tolist()
+    be = WgpuBackend(model_dir, num_blocks=32, block_size=8, dtype="float16")
+    ref = NumpyBackend(model_dir, num_blocks=32, block_size=8)
+    for got, want in zip(_steps(be, prompt, 3), _steps(ref, prompt, 3), strict=True):
+        assert got.dtype == np.float32
+        assert nmse(got, want) <= 5e-4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_quantized_forward_matches_numpy(quant_dirs, bits, dtype):
+    if dtype == "float16" and not HAS_F16:
+        pytest.skip("the adapter has no shader-f16")
+    md = quant_dirs[bits]
+    prompt = np.random.default_rng(bits).integers(3, md.config.vocab_size, 37).tolist()
+    be = WgpuBackend(md, num_blocks=32, block_size=8, dtype=dtype)
+    assert be.params.layers[0].q_proj.quant == (md.config.quantization["group_size"], bits)
+    ref = NumpyBackend(md, num_blocks=32, block_size=8)
+    tol = 1e-7 if dtype == "float32" else 5e-4  # same dequantized values; f16 KV rounds
+    for got, want in zip(_steps(be, prompt, 3), _steps(ref, prompt, 3), strict=True):
+        assert nmse(got, want) <= tol
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q4"])
+def test_tensors_split_over_small_bindings_give_the_same_logits(model_dir, quant_dirs,
+                                                                quantized, tmp_path):
+    """A binding limit of a few KiB splits the embedding, the head and every matrix into row
+    parts (biases too, on a config that has them); the logits stay those of the reference."""
+    if quantized:  # smaller matrices: a smaller limit, and a KV pool that fits under it
+        md, limit, bs, blocks, n = quant_dirs[4], 2560, 4, 5, 10
+    else:
+        md = ModelDir(write_model(tmp_path, tiny_config(attention_bias=True, mlp_bias=True),
+                                  tokenizer=False))
+        limit, bs, blocks, n = 4096, 8, 4, 20
+    be = WgpuBackend(md, num_blocks=blocks, block_size=bs, max_binding=limit, **F32)
+    assert len(be.params.embed.parts) > 1 and len(be.params.lm_head.parts) > 1
+    assert all(len(m.parts) > 1 for m in (be.params.layers[0].gate_proj,
+                                           be.params.layers[0].down_proj))
+    prompt = np.random.default_rng(4).integers(3, md.config.vocab_size, n).tolist()
+    ref = NumpyBackend(md, num_blocks=blocks, block_size=bs)
+    for got, want in zip(_steps(be, prompt, 2), _steps(ref, prompt, 2), strict=True):
+        assert nmse(got, want) <= 1e-7
+    # Logits of many rows, cut into several readback buffers by the limit.
+    batch = BatchInput.build([(prompt, 0, [0, 1, 2])], bs, logits_for="all")
+    assert nmse(be.forward(batch), ref.forward(batch)) <= 1e-7
+
+
+def test_gpu_topk_matches_sorted_logits(model_dir):
+    be = WgpuBackend(model_dir, num_blocks=16, block_size=8, **F32)
+    ref = NumpyBackend(model_dir, num_blocks=16, block_size=8)
+    rng = np.random.default_rng(5)
+    seqs = [(rng.integers(3, 200, n).tolist(), 0, blocks)
+            for n, blocks in ((9, [1, 2]), (1, [3]), (17, [4, 5, 6]))]
+    batch = BatchInput.build(seqs, 8)
+    ids, vals = be.forward_topk(batch, k=5)
+    logits = ref.forward(batch)
+    assert ids.shape == vals.shape == (3, 5) and ids.dtype == np.int32
+    want = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(vals, np.take_along_axis(logits, want, 1), rtol=0, atol=1e-4)
+    # Ties go to the lower id, like a stable sort.
+    x = be.ops.from_host(np.zeros((1, model_dir.config.hidden_size), np.float32))
+    tie_ids, _ = be.ops.topk(x, be.params.lm_head, 3)
+    np.testing.assert_array_equal(tie_ids, [[0, 1, 2]])
+
+
+# -- the engine on wgpu (same guarantees as tests/test_engine.py on NumPy) ----------------------
+def make_engine(md, num_blocks=512, block_size=8, caching=True, **kw) -> Engine:
+    backend = WgpuBackend(md, num_blocks=num_blocks, block_size=block_size, **F32)
+    return Engine(backend, md.tokenizer, context_length=md.config.context_length,
+                  enable_prefix_caching=caching, model_id="tiny", **kw)
+
+
+def run_alone(md, requests, **kw):
+    results = []
+    for p, sp in requests:
+        results.extend(run_all(make_engine(md, **kw), [(p, sp)]))
+    return results
+
+
+def test_engine_batched_equals_alone(model_dir):
+    prompts = mixed_prompts(model_dir.config.vocab_size, count=8, lengths=(5, 300))
+    reqs = [(p, GREEDY) for p in prompts]
+    engine = make_engine(model_dir)
+    batched = run_all(engine, reqs)
+    assert batched == run_alone(model_dir, reqs)
+    assert engine.stats()["steps"] < 8 * 12
+
+
+def test_engine_preemption_gives_identical_results(model_dir):
+    prompts = mixed_prompts(model_dir.config.vocab_size, count=8, lengths=(5, 200), seed=1)
+    reqs = [(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)) for p in prompts]
+    engine = make_engine(model_dir, num_blocks=40)
+    batched = run_all(engine, reqs)
+    assert engine.scheduler.num_preemptions > 0
+    assert batched == run_alone(model_dir, reqs)
+
+
+def test_engine_prefix_caching_hits_and_same_tokens(model_dir):
+    rng = np.random.default_rng(2)
+    vocab = model_dir.config.vocab_size
+    shared = rng.integers(3, vocab, 100).tolist()
+    reqs = [(shared + rng.integers(3, vocab, k).tolist(), GREEDY) for k in (3, 9, 17, 30)]
+    engine = make_engine(model_dir, caching=True)
+    first = run_all(engine, reqs[:1])
+    rest = run_all(engine, reqs[1:])
+    assert engine.stats()["prefix_cache_hits"] >= 3 * 96
+    assert first + rest == run_alone(model_dir, reqs, caching=False)
+
+
+def test_engine_n_samples_fork_and_copy_on_write(model_dir):
+    prompt = mixed_prompts(model_dir.config.vocab_size, count=1, lengths=(21, 21))[0]
+    sp = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    [ours] = run_all(make_engine(model_dir), [(prompt, sp)])
+    np_engine = Engine(NumpyBackend(model_dir, num_blocks=512, block_size=8), model_dir.tokenizer,
+                       context_length=model_dir.config.context_length, model_id="tiny")
+    [theirs] = run_all(np_engine, [(prompt, sp)])
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q4"])
+def test_engine_tokens_match_numpy(model_dir, quant_dirs, quantized):
+    md = quant_dirs[4] if quantized else model_dir
+    prompts = mixed_prompts(md.config.vocab_size, count=6, lengths=(4, 90), seed=9)
+    reqs = [(p, GREEDY) for p in prompts]
+    np_engine = Engine(NumpyBackend(md, num_blocks=512, block_size=8), None,
+                       context_length=md.config.context_length, model_id="tiny")
+    assert run_all(make_engine(md), reqs) == run_all(np_engine, reqs)
+
+
+def test_cli_generate_with_wgpu(tiny_model_dir):
+    r = CliRunner().invoke(cli, ["generate", "-m", str(tiny_model_dir), "--backend", "wgpu", "-p",
+                                 "hi", "-n", "5", "--temperature", "0", "--ignore-eos", "--json",
+                                 "--kv-memory", "8MiB"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["backend"] == "wgpu" and len(data["generated_ids"]) == 5
+
+
+# -- the real model -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_wgpu(real_model_dir):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ONDEVICE_WGPU_DTYPE", "float32")
+    try:
+        model = ondevice.load(real_model_dir, backend="wgpu", kv_memory="64MiB")
+    finally:
+        mp.undo()
+    assert model.runtime.backend.dtype_name == "float32"
+    yield model
+    model.close()
+
+
+@pytest.mark.real_model
+def test_golden_on_wgpu_float32(real_wgpu, golden_cases):
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    for case in golden_cases:
+        if "messages" in case:
+            ids = real_wgpu.tokenizer.encode_chat(case["messages"], add_generation_prompt=True)
+        else:
+            ids = real_wgpu.tokenizer.encode(case["prompt"], add_special_tokens=False)
+        assert ids == case["prompt_ids"]
+        logits = real_wgpu.runtime.logits_for(case["prompt_ids"])[-1]
+        assert logits.dtype == np.float32
+        assert np.argsort(-logits, kind="stable")[:5].tolist() == case["top5_ids"]
+        err = np.abs(logits[case["top5_ids"]] - np.asarray(case["top5_logits"])).max()
+        assert err < 1e-3, err
+        got = [c.token_id for c in real_wgpu.stream(case["prompt_ids"], params)]
+        assert got == case["greedy_ids"], case.get("prompt_text")
+
+
+@pytest.mark.real_model
+def test_cli_generate_wgpu_with_the_default_model(real_model_dir):
+    # No --model: the default model, found through ONDEVICE_HOME where the fixture put it; the
+    # adapter's default dtype (float16 on lavapipe).
+    env = dict(os.environ, ONDEVICE_HOME=str(real_model_dir.parents[1]))
+    p = subprocess.run(
+        [sys.executable, "-m", "ondevice", "generate", "--backend", "wgpu", "--prompt",
+         "What is the capital of France?", "--max-tokens", "8", "--temperature", "0",
+         "--kv-memory", "32MiB"],
+        capture_output=True, text=True, timeout=1200, env=env,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout
