@@ -196,17 +196,46 @@ def generate(model, backend, kv_memory, prompt, raw, system, max_tokens, stop, i
 
 @cli.command()
 @click.argument("src")
-@click.option("--output", "-o", "out", required=True, help="Output model directory.")
-@click.option("--quantize", "-q", type=click.Choice(["f32", "f16", "q8", "q4"]), default="f32",
-              show_default=True)
+@click.option("--output", "-o", "out", required=True,
+              help="Output model directory, or OUT.mlpackage with --to coreml.")
+@click.option("--to", "target", type=click.Choice(["ondevice", "coreml"]), default="ondevice",
+              show_default=True, help="Output format.")
+@click.option("--quantize", "-q", type=click.Choice(["f32", "f16", "q8", "q4", "int8", "int4"]),
+              default=None,
+              help="ondevice: f32 (default), f16, q8, q4; coreml: f16 (default), int8, int4.")
 @click.option("--group-size", type=int, default=64, show_default=True,
               help="Quantization group size (MLX affine).")
+@click.option("--max-context", type=int, default=None,
+              help="coreml: longest sequence [default: the model's, at most 2048].")
+@click.option("--block-size", type=int, default=None, help="coreml: tokens per KV block [16].")
+@click.option("--num-blocks", type=int, default=None,
+              help="coreml: KV blocks in the state [default: max context / block size].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def convert(src, out, quantize, group_size, force) -> None:
-    """Convert a GGUF file or a Hugging Face directory into an ondevice model directory."""
+def convert(src, out, target, quantize, group_size, max_context, block_size, num_blocks,
+            force) -> None:
+    """Convert a GGUF file or a Hugging Face directory into an ondevice model directory,
+    or (--to coreml) into a stateful Core ML package with its manifest."""
+    if target == "coreml":
+        from ..converters.coreml import export_coreml
+
+        path = export_coreml(src, out, quantize=quantize or "f16", max_context=max_context,
+                             block_size=16 if block_size is None else block_size,
+                             num_blocks=num_blocks, force=force)
+        click.echo(f"wrote {path} and its manifest, tokenizer and chat template next to it")
+        return
+    from ..converters import ConversionError
     from ..converters import convert as run_convert
 
-    path = run_convert(src, out, quantize=quantize, group_size=group_size, force=force)
+    for name, value in (("--max-context", max_context), ("--block-size", block_size),
+                        ("--num-blocks", num_blocks)):
+        if value is not None:
+            raise ConversionError(f"{name} applies to --to coreml only")
+    if quantize in ("int8", "int4"):
+        raise ConversionError(
+            f"--quantize {quantize} is for --to coreml; ondevice model directories take "
+            "f32, f16, q8 or q4"
+        )
+    path = run_convert(src, out, quantize=quantize or "f32", group_size=group_size, force=force)
     click.echo(f"wrote {path}")
 
 

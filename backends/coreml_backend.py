@@ -1,0 +1,220 @@
+"""The Core ML backend: an exported ``.mlpackage`` run by Core ML through coremltools (macOS 15+).
+
+The package (see ``converters/coreml``) holds the whole model and its paged KV pool as Core ML
+states; this backend keeps one ``MLState`` and calls ``predict`` once per sequence of a batch,
+one request at a time, passing the sequence's token ids, positions, slot mapping, block table
+and length exactly as the engine computed them. Core ML decides where the program runs within
+the allowed compute units: ``all`` (default), ``cpu_and_ne``, ``cpu_and_gpu`` or ``cpu_only``,
+chosen with ``ONDEVICE_COREML_COMPUTE_UNITS`` or :meth:`CoreMLBackend.from_package`.
+
+Built from a model directory (the engine's path), it exports the model once (float16, into
+``$ONDEVICE_HOME/coreml/``) with the pool geometry the engine asks for, then loads that.
+
+Elsewhere :meth:`availability` says why it cannot run; exporting and ``verify-coreml`` work on
+any OS.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..batch import BatchInput
+from ..errors import BackendUnavailableError, OndeviceError, RequestError
+from ..modeldir import ModelDir
+from .base import Backend
+
+COMPUTE_UNITS = {
+    "all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY",
+}
+ENV_UNITS = "ONDEVICE_COREML_COMPUTE_UNITS"
+STATE_NAMES = ("key_cache", "value_cache")
+
+
+def compute_units(name: str | None = None) -> str:
+    """The compute-unit choice: ``name``, else ``$ONDEVICE_COREML_COMPUTE_UNITS``, else all."""
+    value = (name or os.environ.get(ENV_UNITS) or "all").strip().lower()
+    if value not in COMPUTE_UNITS:
+        raise OndeviceError(
+            f"unknown Core ML compute units {value!r} (choose {', '.join(COMPUTE_UNITS)})"
+        )
+    return value
+
+
+def _macos_version() -> tuple[int, ...]:
+    release = platform.mac_ver()[0]
+    return tuple(int(p) for p in release.split(".") if p.isdigit()) if release else ()
+
+
+class CoreMLBackend(Backend):
+    """Runs an exported package with Core ML; float32 logits like every backend."""
+
+    name = "coreml"
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        if sys.platform != "darwin":
+            return False, (
+                f"Core ML runs only on macOS 15+; this is {platform.system()} "
+                f"{platform.release()} (export and verify-coreml work here)"
+            )
+        version = _macos_version()
+        if version and version < (15,):
+            return False, (
+                f"Core ML stateful models need macOS 15+; this is macOS "
+                f"{'.'.join(map(str, version))}"
+            )
+        try:
+            from ..converters.coreml import _ct
+
+            ct = _ct.coremltools()
+        except OndeviceError as err:
+            return False, str(err)
+        from coremltools.models import model as ct_model
+
+        if getattr(ct_model, "_MLModelProxy", None) is None:
+            return False, f"coremltools {ct.__version__} has no Core ML runtime library here"
+        return True, f"Core ML ({compute_units()}) on macOS {platform.mac_ver()[0]}"
+
+    def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16,
+                 package: str | Path | None = None, units: str | None = None):
+        super().__init__(model, num_blocks=num_blocks, block_size=block_size)
+        from ..converters.coreml import export_coreml, read_manifest
+
+        if package is None:
+            package = self._cached_export(model, num_blocks, block_size, export_coreml)
+        self.package = Path(package)
+        self.manifest = read_manifest(self.package)
+        m = self.manifest
+        if m["block_size"] != block_size or m["num_blocks"] < num_blocks:
+            raise OndeviceError(
+                f"{self.package} has {m['num_blocks']} blocks of {m['block_size']} tokens; "
+                f"the engine asked for {num_blocks} of {block_size}"
+            )
+        self.max_blocks = int(m["max_blocks_per_sequence"])
+        self.units = compute_units(units)
+        ct = self._ct()
+        self.mlmodel = ct.models.MLModel(
+            str(self.package), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[self.units])
+        )
+        self.state = self.mlmodel.make_state()
+
+    @classmethod
+    def from_package(cls, package: str | Path, *, model: str | Path | None = None,
+                     compute_units: str | None = None) -> CoreMLBackend:
+        """Load an exported package; ``model`` (the source directory, default the manifest's
+        ``source_path``) provides the config the engine sizes requests with."""
+        from ..converters.coreml import read_manifest
+
+        m = read_manifest(package)
+        md = ModelDir(model or m["source_path"])
+        return cls(md, num_blocks=m["num_blocks"], block_size=m["block_size"],
+                   package=package, units=compute_units)
+
+    @staticmethod
+    def _ct() -> Any:
+        ok, why = CoreMLBackend.availability()
+        if not ok:
+            raise BackendUnavailableError(f"backend 'coreml' is unavailable: {why}")
+        from ..converters.coreml import _ct
+
+        return _ct.coremltools()
+
+    @staticmethod
+    def _cached_export(model: ModelDir, num_blocks: int, block_size: int, export) -> Path:
+        from ..default_model import home
+
+        c = model.config
+        ctx = min(2048, c.context_length, num_blocks * block_size)
+        ctx -= ctx % block_size
+        out = (home() / "coreml" / f"{model.path.name}-f16-{num_blocks}x{block_size}-{ctx}"
+               / "model.mlpackage")
+        if not (out.parent / "ondevice-manifest.json").is_file():
+            print(f"ondevice: exporting {model.path.name} to Core ML in {out.parent} "
+                  "(first use only)", file=sys.stderr)
+            export(model.path, out, quantize="f16", max_context=ctx, block_size=block_size,
+                   num_blocks=num_blocks, force=True)
+        return out
+
+    # -- the paged interface ----------------------------------------------------------------
+    def forward(self, batch: BatchInput) -> np.ndarray:
+        rows = [int(r) for r in batch.logits_indices]
+        out = np.empty((len(rows), self.config.vocab_size), dtype=np.float32)
+        all_rows = self.manifest.get("logits") == "all"
+        qsl = batch.query_start_loc
+        for s in range(batch.num_seqs):
+            start, end = int(qsl[s]), int(qsl[s + 1])
+            if end == start:
+                continue
+            wanted = [i for i, r in enumerate(rows) if start <= r < end]
+            if not all_rows and any(rows[i] != end - 1 for i in wanted):
+                raise RequestError(
+                    "this Core ML package returns the last position's logits only "
+                    "(export it with logits='all' for every row)"
+                )
+            table = batch.block_tables[s]
+            used = -(-int(batch.seq_lens[s]) // self.block_size)
+            if used > self.max_blocks:
+                raise RequestError(
+                    f"sequence of {int(batch.seq_lens[s])} tokens exceeds the package's max "
+                    f"context {self.manifest['max_context']}"
+                )
+            padded = np.zeros(self.max_blocks, dtype=np.int32)
+            padded[:used] = table[:used]
+            result = self.mlmodel.predict({
+                "input_ids": batch.token_ids[start:end].astype(np.int32),
+                "positions": batch.positions[start:end].astype(np.int32),
+                "slot_mapping": batch.slot_mapping[start:end].astype(np.int32),
+                "block_table": padded,
+                "seq_len": batch.seq_lens[s : s + 1].astype(np.int32),
+            }, state=self.state)
+            logits = np.asarray(result["logits"], dtype=np.float32)
+            for i in wanted:
+                out[i] = logits[rows[i] - start] if all_rows else logits[-1]
+        return out
+
+    def _pool(self) -> list[np.ndarray]:
+        # [layers, slots, kvh*hd] -> [layers, num_blocks, block_size, kvh, hd]
+        c = self.config
+        shape = (c.num_hidden_layers, self.manifest["num_blocks"], self.block_size,
+                 c.num_key_value_heads, c.head_dim)
+        return [np.asarray(self.state.read_state(n)).reshape(shape) for n in STATE_NAMES]
+
+    def _store(self, pools: list[np.ndarray]) -> None:
+        c = self.config
+        for name, pool in zip(STATE_NAMES, pools, strict=True):
+            self.state.write_state(name, pool.reshape(c.num_hidden_layers, -1, c.num_key_value_heads
+                                                      * c.head_dim).astype(np.float16))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        pools = self._pool()
+        src, dst = np.array(pairs, dtype=np.int64).T
+        for pool in pools:
+            pool[:, dst] = pool[:, src]
+        self._store(pools)
+
+    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
+        ids = np.asarray(block_ids, dtype=np.int64)
+        k, v = self._pool()
+        return np.stack([k[:, ids], v[:, ids]], axis=1).astype(np.float32)
+
+    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+        ids = np.asarray(block_ids, dtype=np.int64)
+        pools = self._pool()
+        for i, pool in enumerate(pools):
+            pool[:, ids] = data[:, i]
+        self._store(pools)
+
+    def close(self) -> None:
+        self.state = None
+        self.mlmodel = None
+
+
+BACKEND = CoreMLBackend
