@@ -65,6 +65,9 @@ def run_repl(session: ChatSession) -> None:
         except OndeviceError as err:
             click.echo(f"error: {err}", err=True)
             continue
+        route = getattr(session.model, "last_route", None)  # a policy-routed model
+        if route is not None and route.fallback_from:
+            click.echo(f"(this reply ran on {route.describe()})", err=True)
         if session.last.dropped_messages:
             click.echo(f"(the conversation outgrew the context: dropped the oldest "
                        f"{session.last.dropped_messages} messages)", err=True)

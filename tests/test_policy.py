@@ -465,3 +465,15 @@ def test_devices_probes_the_cloud_only_when_asked():
     assert "unreachable (offline)" in r.output
     r = CliRunner().invoke(cli, ["devices", "--profile", "vm", "--json"])
     assert json.loads(r.output)["online"] is None
+
+
+def test_secret_survives_copies_without_showing_itself():
+    import copy
+    import dataclasses
+    import pickle
+
+    cfg = CloudConfig("http://127.0.0.1:9", api_key=Secret(SENTINEL))
+    assert copy.deepcopy(cfg).api_key.reveal() == SENTINEL
+    assert SENTINEL not in str(dataclasses.asdict(cfg))
+    with pytest.raises(TypeError):
+        pickle.dumps(cfg)

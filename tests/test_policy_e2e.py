@@ -8,6 +8,7 @@ The tiny random model plays both sides (the cloud serves it, the device runs it 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -76,6 +77,11 @@ class CountingProxy:
                     pass
 
     def close(self) -> None:
+        # shutdown() first: close() alone would leave a thread blocked in accept() listening.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
         with self._lock:
             for s in self._open:
@@ -371,3 +377,29 @@ def test_cli_chat_with_a_cloud_policy(tiny_model_dir, cloud, monkeypatch):
                            input="Hello world!\n")
     assert r.exit_code == 0, r.output
     assert counter["requests"] == 1  # local: the cloud saw nothing new
+
+
+def test_repl_stats_say_where_each_reply_ran(tiny_model_dir, cloud, monkeypatch):
+    from test_cli import _quit, _read_until, _repl
+
+    proxy, counter, srv = cloud
+    monkeypatch.setenv("ONDEVICE_CLOUD_API_KEY", SENTINEL)  # the child inherits it
+    args = ["chat", "-m", str(tiny_model_dir), "-b", "numpy", "--kv-memory", "1MiB", "-n", "4",
+            "--policy", "cloud", "--cloud-url", proxy.url]
+    with _repl(args) as (pid, fd):
+        _read_until(fd, b">>> ")
+        os.write(fd, b"Hello\n")
+        _read_until(fd, b">>> ")
+        os.write(fd, b"/stats\n")
+        out = _read_until(fd, b">>> ")
+        assert f"last_reply_ran_on: cloud:{proxy.url}/v1".encode() in out
+        assert counter["requests"] == 1
+        srv.stop()
+        proxy.close()  # offline now: the next reply runs on the device
+        os.write(fd, b"Hello again\n")
+        _read_until(fd, b">>> ")
+        os.write(fd, b"/stats\n")
+        out = _read_until(fd, b">>> ")
+        assert b"last_reply_ran_on: local:numpy" in out and b"offline" in out
+        assert SENTINEL.encode() not in out
+        _quit(pid, fd)

@@ -29,6 +29,7 @@ else:  # pragma: no cover - Python 3.10
 DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_API_KEY"
 CONFIG_ENV = "ONDEVICE_CLOUD_CONFIG"
 URL_ENV = "ONDEVICE_CLOUD_URL"
+MODEL_ENV = "ONDEVICE_CLOUD_MODEL"
 
 
 class Secret:
@@ -56,6 +57,13 @@ class Secret:
     def __reduce__(self):  # no pickling into logs or caches
         raise TypeError("a Secret cannot be pickled")
 
+    # Immutable: copies (dataclasses.asdict, copy.deepcopy of a config) share it.
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Secret:
+        return self
+
 
 @dataclass(frozen=True)
 class CloudConfig:
@@ -67,7 +75,7 @@ class CloudConfig:
     """
 
     url: str
-    model: str = "default"
+    model: str | None = None  # None: the request names no model (our server then serves its own)
     api_key: Secret | None = field(default=None, repr=False)
     api_key_env: str = DEFAULT_KEY_ENV
     timeout: float = 60.0  # seconds without data before a stream counts as dead
@@ -141,6 +149,8 @@ class CloudConfig:
         url = url or os.environ.get(URL_ENV)
         if url:
             data = dict(data, url=url)
+        if os.environ.get(MODEL_ENV) and data:
+            data = dict(data, model=os.environ[MODEL_ENV])
         if not data:
             return None
         return cls.from_dict(data, source=f"cloud config {p}")
@@ -203,13 +213,16 @@ class CloudClient:
     def stream_chat(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[CloudChunk]:
         """Stream a chat completion of ``messages``. ``params``: OpenAI request fields
         (max_tokens, temperature, top_p, seed, stop, n)."""
-        body = {"model": self.config.model, "messages": messages, "stream": True, **params}
-        yield from self._stream("/chat/completions", body, chat=True)
+        body = {"messages": messages, "stream": True, **params}
+        yield from self._stream("/chat/completions", self._with_model(body), chat=True)
 
     def stream_completion(self, prompt: str, **params: Any) -> Iterator[CloudChunk]:
         """Stream a plain text completion of ``prompt`` (``/v1/completions``)."""
-        body = {"model": self.config.model, "prompt": prompt, "stream": True, **params}
-        yield from self._stream("/completions", body, chat=False)
+        body = {"prompt": prompt, "stream": True, **params}
+        yield from self._stream("/completions", self._with_model(body), chat=False)
+
+    def _with_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.config.model, **body} if self.config.model else body
 
     def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[CloudChunk]:
         import httpx

@@ -38,7 +38,7 @@ class Policy:
         mode: the default inference mode (``prefer_local``, ``only_local``, ``prefer_cloud``,
             ``only_cloud``); a request may override it.
         private: the default privacy of requests (private requests never leave the device).
-        cloud: the cloud endpoint (None: :meth:`CloudConfig.load` finds one, if configured).
+        cloud: the cloud endpoint (None: no cloud; :meth:`named` loads the configured one).
         profile: the device (None: detected on this machine).
         fallback: retry on the other side when one side fails, where the request allows it.
         battery_threshold: battery percent below which energy comes before speed.
