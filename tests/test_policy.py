@@ -280,6 +280,14 @@ def test_requirements_from_a_coreml_manifest(tmp_path, tiny_model_dir):
     assert (req.name, req.quantization, req.weight_bytes) == ("smollm2-135m-int4", "int4",
                                                               80_000_000)
     assert req.kv_bytes_per_token == 23040 and req.context_length == 2048 and req.coreml_export
+    # The exporter's own form: quantization as {"mode", "block_size"}, found from the package.
+    manifest["quantization"] = {"mode": "int8", "block_size": 32}
+    (tmp_path / "ondevice-manifest.json").write_text(json.dumps(manifest))
+    req = ModelRequirements.load(tmp_path / "model.mlpackage")
+    assert req.quantization == "int8" and req.kv_pool_tokens == 128 * 16
+    # Core ML holds its whole KV state: 2048 tokens x 23040 B, however short the request.
+    est = {e.backend: e for e in decide(PROFILES[SHORT["m1"]], req, Request(10, 10)).estimates}
+    assert est["coreml"].memory_needed == 80_000_000 + 2048 * 23040 + (256 << 20)
     # A manifest next to a model directory marks that model as exported.
     model_copy = tmp_path / "model"
     model_copy.mkdir()
@@ -288,10 +296,22 @@ def test_requirements_from_a_coreml_manifest(tmp_path, tiny_model_dir):
     (model_copy / "ondevice-manifest.json").write_text(json.dumps(manifest))
     assert ModelRequirements.load(model_copy).coreml_export
     # A broken manifest is a one-line error naming the missing key.
+    manifest = dict(manifest)
     del manifest["quantization"]
     (tmp_path / "ondevice-manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PolicyConfigError, match="quantization"):
         ModelRequirements.from_manifest(tmp_path)
+
+
+def test_requirements_of_a_real_coreml_export(tmp_path, tiny_model_dir):
+    coreml = pytest.importorskip("ondevice.converters.coreml")
+    out = coreml.export_coreml(tiny_model_dir, tmp_path / "tiny.mlpackage", quantize="int8",
+                               progress=False)
+    req = ModelRequirements.load(out)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert req.coreml_export and req.quantization == "int8"
+    assert req.params == ModelRequirements.from_model_dir(tiny_model_dir).params
+    assert req.context_length <= cfg["max_position_embeddings"] and req.weight_bytes > 0
 
 
 def test_unknown_model_spec_is_a_clear_error():

@@ -8,11 +8,11 @@ in order:
 2. ``only_cloud`` goes to the cloud or nowhere; ``prefer_cloud`` goes to the cloud when it can.
 3. Offline (the endpoint did not answer) means local.
 4. No local backend fits (memory, context) -> cloud if allowed.
-5. Local is too slow for the request's TTFT or tok/s target and the cloud is faster -> cloud
-   if allowed.
-6. On battery below a threshold (or in low-power mode, or hot): the most efficient local
+5. On battery below a threshold (or in low-power mode, or hot): the most efficient local
    backend (Core ML on the Neural Engine when an export exists), else the cloud, else the
    least energy-hungry local backend.
+6. Local is too slow for the request's TTFT or tok/s target and the cloud is faster -> cloud
+   if allowed.
 7. Otherwise the fastest local backend.
 """
 
@@ -47,11 +47,14 @@ class Request:
     mode: str = "prefer_local"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            from ..errors import PolicyConfigError
+        from ..errors import PolicyConfigError
 
+        if self.mode not in MODES:
             raise PolicyConfigError(f"unknown inference mode {self.mode!r} "
                                     f"(known: {', '.join(MODES)})")
+        if self.prompt_tokens < 0 or self.max_new_tokens < 1:
+            raise PolicyConfigError(f"a request needs prompt_tokens >= 0 and max_new_tokens >= 1"
+                                    f", got {self.prompt_tokens} and {self.max_new_tokens}")
 
     @property
     def cloud_permitted(self) -> bool:
@@ -169,7 +172,7 @@ def decide(profile: DeviceProfile, model: ModelRequirements, request: Request,
             return cloud(f"no local backend can run it ({why})")
         return refuse(f"no local backend can run it ({why}), and {cloud_why}")
 
-    # Rule 6 comes before speed: a constrained battery trades speed for energy.
+    # Rule 5 comes before speed: a constrained battery trades speed for energy.
     constrained = _power_constrained(profile, battery_threshold)
     if constrained:
         frugal = min(runnable, key=lambda e: (e.energy_rank, e.total_s))
@@ -183,7 +186,7 @@ def decide(profile: DeviceProfile, model: ModelRequirements, request: Request,
         return local(frugal, f"{constrained}: {frugal.backend} ({frugal.processor}) is the "
                              "least energy-hungry local backend")
 
-    # Rule 5: latency targets.
+    # Rule 6: latency targets.
     misses = _misses(fastest, request)
     if misses and cloud_ok and cloud_est is not None and _cloud_better(cloud_est, fastest, request):
         return cloud(f"local is too slow: {misses}; the cloud is estimated faster")

@@ -139,7 +139,9 @@ def estimate_local(profile: DeviceProfile, model: ModelRequirements, backend: st
         # to dense float32 at load when that fits (backends/mlx_backend.py): plan for that.
         weights = model.dense_f32_bytes
     kv_per_token = model.kv_bytes_per_token * traits.kv_itemsize // 2  # model figure is f16
-    needed = weights + kv_per_token * tokens + RUNTIME_OVERHEAD
+    # A Core ML export holds its whole KV state, sized at export time.
+    kv_tokens = model.kv_pool_tokens if backend == "coreml" and model.kv_pool_tokens else tokens
+    needed = weights + kv_per_token * kv_tokens + RUNTIME_OVERHEAD
     fits = needed <= usable
     cal = profile.efficiency.get(backend, {})
     decode_eff = cal.get("decode", traits.decode_efficiency)

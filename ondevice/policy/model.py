@@ -57,6 +57,7 @@ class ModelRequirements:
     attention_width: int  # num_attention_heads * head_dim, for attention FLOPs per position
     coreml_export: bool = False
     source: str = ""
+    kv_pool_tokens: int | None = None  # a Core ML export's fixed KV state (blocks x block size)
 
     @property
     def dense_f32_bytes(self) -> int:
@@ -70,7 +71,8 @@ class ModelRequirements:
     @classmethod
     def from_architecture(cls, arch: dict[str, Any], quantization: str, *, name: str = "",
                           weight_bytes: int | None = None, kv_bytes_per_token: int | None = None,
-                          coreml_export: bool = False, source: str = "") -> ModelRequirements:
+                          coreml_export: bool = False, source: str = "",
+                          pool: int | None = None) -> ModelRequirements:
         """From Llama-family hyper-parameters (the keys of :data:`ARCHITECTURES`)."""
         if quantization not in BITS_PER_WEIGHT:
             raise PolicyConfigError(f"unknown quantization {quantization!r} "
@@ -91,7 +93,7 @@ class ModelRequirements:
             kv_bytes_per_token=kv_bytes_per_token or 2 * n * kv * hd * 2,
             flops_per_token=2.0 * matmul_params, context_length=int(arch["context_length"]),
             num_hidden_layers=n, attention_width=heads * hd, coreml_export=coreml_export,
-            source=source,
+            source=source, kv_pool_tokens=pool,
         )
 
     @classmethod
@@ -121,14 +123,22 @@ class ModelRequirements:
 
     @classmethod
     def from_manifest(cls, path: str | os.PathLike) -> ModelRequirements:
-        """From a Core ML export's ``ondevice-manifest.json`` (the file or its directory)."""
+        """From a Core ML export's ``ondevice-manifest.json``: the file, its directory, or the
+        ``.mlpackage`` it sits next to. The KV state of an export is allocated whole
+        (``num_blocks x block_size`` tokens), whatever the request."""
         p = Path(path)
-        if p.is_dir():
+        if p.suffix == ".mlpackage":
+            p = p.parent / MANIFEST_NAME
+        elif p.is_dir():
             p = p / MANIFEST_NAME
         try:
             m = json.loads(p.read_text())
             cfg = m["config"]
             quant = m["quantization"]
+            if isinstance(quant, dict):  # {"mode": "int4", "block_size": 32}
+                quant = quant["mode"]
+            pool = (int(m["num_blocks"]) * int(m["block_size"])
+                    if m.get("num_blocks") and m.get("block_size") else None)
             arch = dict(cfg, name=m.get("model_id", p.parent.name),
                         context_length=m.get("max_context") or cfg["context_length"],
                         tied=cfg.get("tie_word_embeddings", False))
@@ -137,7 +147,7 @@ class ModelRequirements:
                 weight_bytes=int(m["weight_bytes"]) if m.get("weight_bytes") else None,
                 kv_bytes_per_token=(int(m["kv_bytes_per_token"])
                                     if m.get("kv_bytes_per_token") else None),
-                coreml_export=True, source=str(p))
+                coreml_export=True, source=str(p), pool=pool)
         except OSError as err:
             raise PolicyConfigError(f"{p}: cannot read the Core ML manifest ({err})") from None
         except (ValueError, KeyError, TypeError) as err:
@@ -154,8 +164,8 @@ class ModelRequirements:
             return cls.from_model_dir(default_model_dir(quiet=True))
         text = str(spec)
         p = Path(text).expanduser()
-        if p.is_file() and p.name == MANIFEST_NAME or p.is_dir() and (p / MANIFEST_NAME).is_file() \
-                and not (p / "config.json").is_file():
+        if p.is_file() and p.name == MANIFEST_NAME or p.suffix == ".mlpackage" \
+                or p.is_dir() and (p / MANIFEST_NAME).is_file() and not (p / "config.json").is_file():
             return cls.from_manifest(p)
         if p.is_dir():
             return cls.from_model_dir(p)
