@@ -51,7 +51,7 @@ RELEASE_EVERY = 64 << 20  # bytes uploaded between drops of the checkpoint's map
 # row against it); above it, the tiled kernels. Measured on lavapipe (benchmarks/bench_wgpu.py).
 GEMV_MAX_ROWS = 4
 GEMV_ROWS = 8  # weight rows per invocation of the GEMV kernels (each x load serves all of them)
-TILE = 8  # register tile of the prefill kernels: TILE x rows by TILE weight rows per invocation
+TILE = 8  # rows of x per invocation of the prefill kernels (by 4 dense or TILE quantized weight rows)
 MAX_GROUPS = 65535  # workgroups per grid dimension (the WebGPU default limit)
 PARAM_CACHE = 4096  # parameter buffers and bind groups kept before the caches are reset
 BUF = wgpu.BufferUsage
@@ -598,18 +598,23 @@ class WgpuOps:
                 grid = (*groups, 1)
                 rt = x.rows
             else:
-                grid = (-(-n_out // (8 * TILE)), -(-x.rows // (8 * TILE)), 1)
+                ct = TILE if w.quant is not None else 4  # matmul.wgsl: 4 weight rows
+                grid = (-(-n_out // (8 * ct)), -(-x.rows // (8 * TILE)), 1)
                 rt = TILE
             if w.quant is None:
                 vec = 4 if w.in_features % 4 == 0 else 1
                 nin = w.in_features // vec
                 params = (x.rows, nin, n_out, w.out_features, part.lo, has_bias)
                 subst = self.be.subst(w.wtype, vec) | {"RT": rt, "CR": GEMV_ROWS}
-                if x.rows <= GEMV_MAX_ROWS:
+                if x.rows <= GEMV_MAX_ROWS and w.wtype == "f16" and w.in_features % 8 == 0:
+                    params = (x.rows, w.in_features, n_out, w.out_features, part.lo, has_bias)
+                    self._dispatch("gemv_f16", {"RT": rt, "CR": GEMV_ROWS}, None, params,
+                                   [part.w, x.buf, bias_buf, out.buf], grid)
+                elif x.rows <= GEMV_MAX_ROWS:
                     self._dispatch("gemv", subst, None, params, [part.w, x.buf, bias_buf,
                                                                  out.buf], grid)
                 else:
-                    self._dispatch("matmul", subst | {"CT": TILE}, None, params,
+                    self._dispatch("matmul", subst, None, params,
                                    [part.w, x.buf, bias_buf, out.buf], grid)
             else:
                 gs, bits = w.quant
