@@ -403,3 +403,28 @@ def test_repl_stats_say_where_each_reply_ran(tiny_model_dir, cloud, monkeypatch)
         assert b"last_reply_ran_on: local:numpy" in out and b"offline" in out
         assert SENTINEL.encode() not in out
         _quit(pid, fd)
+
+
+def test_a_local_engine_that_cannot_start_falls_back_to_the_cloud(tiny_model_dir, profile,
+                                                                  cloud):
+    proxy, counter, _ = cloud
+    config = CloudConfig(proxy.url, model="tiny", api_key=Secret(SENTINEL))
+    # 100 bytes of KV memory is less than one block: the local engine fails to start.
+    m = ondevice.load(tiny_model_dir, "numpy", kv_memory=100, quiet=True,
+                      policy=Policy(cloud=config, profile=profile))
+    try:
+        assert m.generate(MSGS, GREEDY)
+        assert m.last_route.fallback_from == "local:numpy" and "KV memory" in m.last_route.error
+        # Later decisions know the backend cannot run: a private request is refused without
+        # touching the network...
+        seen = proxy.connections
+        with pytest.raises(PolicyError, match="private"):
+            m.generate(MSGS, GREEDY, private=True)
+        assert proxy.connections == seen
+        # ...and the others go straight to the cloud, with no fallback to try.
+        assert m.generate(MSGS, GREEDY)
+        assert m.last_route.fallback_from is None and m.last_route.where.startswith("cloud:")
+        assert "no local backend" in m.last_route.decision.reasons[0]
+        assert counter["requests"] == 2
+    finally:
+        m.close()

@@ -105,7 +105,6 @@ class RoutedModel:
         self._md = ModelDir(self.path)
         self._load_kwargs = dict(load_kwargs or {})
         self._local: Model | None = None
-        self._local_error: Exception | None = None
         self._lock = threading.Lock()
         self._cloud = CloudClient(policy.cloud) if policy.cloud else None
         self.timings = Timings()
@@ -171,17 +170,21 @@ class RoutedModel:
         with self._lock:
             if self._local is not None:
                 return self._local
-            if self._local_error is not None:
-                raise self._local_error
             from ..api import load
 
-            typical = Request(prompt_tokens=512, max_new_tokens=512, mode="only_local")
+            # The backend for a typical request (weights dominate; the size barely matters).
+            n = max(min(256, self.requirements.context_length // 4), 1)
+            typical = Request(prompt_tokens=n, max_new_tokens=n, mode="only_local")
             d = decide(self.profile, self.requirements, typical, None)
-            backend = d.backend or next(iter(self.profile.backends), "auto")
+            if d.backend is None:
+                raise BackendUnavailableError(f"no local backend can run {self.path.name}: "
+                                              f"{d.message()}")
             try:
-                self._local = load(self.path, backend, quiet=True, **self._load_kwargs)
-            except LOCAL_FAILURES as err:
-                self._local_error = err
+                self._local = load(self.path, d.backend, quiet=True, **self._load_kwargs)
+            except LOCAL_FAILURES:
+                # That backend cannot run here after all: later decisions must not count on it.
+                self.profile = replace(self.profile, backends=tuple(
+                    b for b in self.profile.backends if b != d.backend))
                 raise
             # From now on the estimates are those of the backend actually loaded.
             self.profile = replace(self.profile, backends=(self._local.backend,))
