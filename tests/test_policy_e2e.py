@@ -174,6 +174,7 @@ def test_killing_the_cloud_mid_reply_continues_locally(tiny_model_dir, profile, 
         route = m.last_route
         assert route.fallback_from == f"cloud:{proxy.url}/v1", route
         assert route.where == "local:numpy" and "mid-reply" in route.error
+        assert m.stats()["replies_by_place"] == {"local:numpy (fallback)": 1}
         # The local engine continued the reply: more tokens than the cloud had sent.
         assert m.timings.generated_tokens > 0
         assert sum(bool(t) for t in texts) > 5

@@ -249,10 +249,13 @@ class RoutedModel:
         replies = ["".join(texts.get(i, [])) for i in range(n)]
         return replies[0] if n == 1 else replies
 
-    def _record(self, route: RouteInfo) -> None:
+    def _record(self, route: RouteInfo, count: int = 1) -> None:
+        """Set the last route; ``count`` adds to (or, -1, takes back from) its tally."""
         self.last_route = route
         key = route.where if route.fallback_from is None else f"{route.where} (fallback)"
-        self.routes[key] = self.routes.get(key, 0) + 1
+        self.routes[key] = self.routes.get(key, 0) + count
+        if not self.routes[key]:
+            del self.routes[key]
 
     # -- the two sides -----------------------------------------------------------------------
     def _local_then_cloud(self, prompt, ids, params, decision: Decision, allow: bool):
@@ -284,17 +287,24 @@ class RoutedModel:
 
     def _cloud_then_local(self, prompt, ids, params, decision: Decision, allow: bool):
         assert self.policy.cloud is not None
-        self._record(RouteInfo(f"cloud:{decision.endpoint}", decision))
+        route = RouteInfo(f"cloud:{decision.endpoint}", decision)
+        self._record(route, 0)
         parts: list[str] = []
         try:
             for chunk in self._cloud_chunks(prompt, ids, params):
+                if not parts:
+                    self._record(route)  # counted once something arrived
                 parts.append(chunk.text)
                 yield chunk
+            if not parts:
+                self._record(route)
             return
         except CloudError as err:
             cloud_err = err
         if not (allow and decision.fallback == "local") or (parts and params.n > 1):
             raise cloud_err
+        if parts:  # the reply is the fallback's now: count it there only
+            self._record(route, -1)
         # Continue locally from where the cloud stopped: the prompt plus the text so far.
         partial = "".join(parts)
         done = self.tokenizer.encode(partial) if partial else []
