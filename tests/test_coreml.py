@@ -11,6 +11,7 @@ import json
 import shutil
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -574,3 +575,61 @@ def test_real_model_int8_export_reports_error(real_exports, real_model_dir):
     assert np.isfinite(report.max_abs_logit_error) and report.max_abs_logit_error > 0
     print(f"int8: max abs logit error {report.max_abs_logit_error:.4f}, "
           f"greedy agreement {report.greedy_agreement:.3f}")
+
+
+# -- the Mac embedding kit ----------------------------------------------------------------------
+
+
+def test_embed_example_streams_through_callbacks(tiny_src):
+    from ondevice.apps.mac.embed_example import Assistant
+
+    assistant = Assistant(str(tiny_src), backend="numpy")
+    try:
+        pieces, finished = [], []
+        reply = assistant.ask("Hello", on_text=pieces.append, on_done=finished.append,
+                              max_tokens=12, temperature=0, ignore_eos=True)
+        assert reply.wait(120)
+        assert reply.finish_reason == "length" and reply.tokens == 12
+        assert "".join(pieces) == reply.text and finished == [reply]
+        same = assistant.model.generate([{"role": "user", "content": "Hello"}], max_tokens=12,
+                                        temperature=0, ignore_eos=True)
+        assert reply.text == same
+    finally:
+        assistant.close()
+
+
+def test_embed_example_cancels_and_frees_the_request(tiny_src):
+    from ondevice.apps.mac.embed_example import Assistant
+
+    assistant = Assistant(str(tiny_src), backend="numpy")
+    try:
+        seen = []
+        holder = {}
+
+        def on_text(text):
+            seen.append(text)
+            if len(seen) == 3:
+                holder["reply"].cancel()
+
+        # The callback may fire before ask() returns; hold it until the reply is stored.
+        gate = threading.Event()
+        reply = assistant.ask("Hello", on_text=lambda t: (gate.wait(10), on_text(t)),
+                              max_tokens=500, temperature=0, ignore_eos=True)
+        holder["reply"] = reply
+        gate.set()
+        assert reply.wait(120)
+        assert reply.finish_reason == "cancelled" and reply.cancelled
+        assert 3 <= reply.tokens < 500
+        stats = assistant.stats()
+        assert stats["running"] == 0 and stats["kv_blocks_used"] == 0
+    finally:
+        assistant.close()
+
+
+def test_embed_example_command_line(tiny_src, capsys):
+    from ondevice.apps.mac.embed_example import main
+
+    assert main(["Hi", "--model", str(tiny_src), "--backend", "numpy", "--max-tokens", "40",
+                 "--cancel-after", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "[cancelled:" in err or "[stop:" in err

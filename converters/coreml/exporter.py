@@ -7,6 +7,8 @@ Output layout: ``export_coreml(src, "DIR/NAME.mlpackage")`` writes, in ``DIR``::
                              KV geometry; eos / end-of-turn ids; the model config
     tokenizer.json           the source model's tokenizer (Hugging Face tokenizers format)
     chat_template.jinja      its chat template (when it has one)
+    tokenizer_config.json    copied from the source when present (special tokens, template;
+    generation_config.json   what swift-transformers' AutoTokenizer reads)
 
 so one directory holds one exported model. Everything is written into a hidden temporary
 sibling directory first and moved into place at the end; the manifest is moved last, so a
@@ -240,6 +242,8 @@ def manifest(model: ModelDir, opts: ExportOptions, package: Path, spec: Any) -> 
         "end_of_turn_ids": end_of_turn,
         "bos_token_id": tok.bos_token_id,
         "tokenizer": "tokenizer.json",
+        "tokenizer_config": "tokenizer_config.json"
+        if (model.path / "tokenizer_config.json").is_file() else None,
         "chat_template": "chat_template.jinja" if tok.chat_template else None,
     }
 
@@ -347,6 +351,10 @@ def _export(model: ModelDir, out: Path, opts: ExportOptions, force: bool,
             bar.update(1)
             del mlmodel
         shutil.copyfile(model.path / "tokenizer.json", tmp / "tokenizer.json")
+        # Swift's tokenizers (swift-transformers) also read these two from the same folder.
+        for name in ("tokenizer_config.json", "generation_config.json"):
+            if (model.path / name).is_file():
+                shutil.copyfile(model.path / name, tmp / name)
         if tok.chat_template:
             (tmp / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
         data = manifest(model, opts, package, spec)
