@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--concurrent-gen-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
     args = ap.parse_args()
 
     # Same device for both: ours through ONDEVICE_MLX_DEVICE, mlx-lm through the default
@@ -167,8 +168,13 @@ def main() -> None:
     load_avg = [os.getloadavg()]
     capacity = [parallel_capacity()]
     for label, path in weights.items():
-        ours = load_ours(path)
+        base = mx.get_active_memory()
+        ours = load_ours(path)  # weights and its KV pool
+        ours_mem = mx.get_active_memory() - base
+        base = mx.get_active_memory()
         theirs, their_tok = mlx_lm.load(str(path))
+        mx.eval(theirs.parameters())
+        theirs_mem = mx.get_active_memory() - base
         special = set(ours.tokenizer.eos_token_ids)
         prompt = [int(t) for t in rng.integers(100, ours.config.vocab_size, args.prompt_tokens)
                   if int(t) not in special]
@@ -202,7 +208,10 @@ def main() -> None:
             "concurrent_vs_single_decode": round(
                 conc["decode_phase_tok_per_s"] / best_ours["decode_tok_per_s"], 2),
             "backend": {"device": be.device_name, "dtype": be.dtype_name,
-                        "streams": be.threads},
+                        "streams": be.threads,
+                        "quantized_weights_expanded": getattr(be, "expanded", False)},
+            "mlx_memory_mib": {"ondevice_weights_and_kv": round(ours_mem / 2**20, 1),
+                               "mlx_lm_weights": round(theirs_mem / 2**20, 1)},
         }
         ours.close()
         load_avg.append(os.getloadavg())
@@ -221,7 +230,10 @@ def main() -> None:
     }
     if tmp is not None:
         tmp.cleanup()
-    print(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
