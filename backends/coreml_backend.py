@@ -187,9 +187,9 @@ class CoreMLBackend(Backend):
 
     def _store(self, pools: list[np.ndarray]) -> None:
         c = self.config
+        shape = (c.num_hidden_layers, -1, c.num_key_value_heads * c.head_dim)
         for name, pool in zip(STATE_NAMES, pools, strict=True):
-            self.state.write_state(name, pool.reshape(c.num_hidden_layers, -1, c.num_key_value_heads
-                                                      * c.head_dim).astype(np.float16))
+            self.state.write_state(name, pool.reshape(shape).astype(np.float16))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:

@@ -270,7 +270,7 @@ class MILInterpreter:
             if op.type == "const":
                 self.consts[op.name] = _round(op.attributes["val"], op.outputs[0][1])
             elif op.type.startswith("constexpr_"):
-                args = self._args(op, self.consts, require_all=True)
+                args = self._args(op, self.consts)
                 self.consts[op.name] = _round(OPS[op.type](**args), op.outputs[0][1])
         self._ops = [
             op for op in program.operations
@@ -314,7 +314,7 @@ class MILInterpreter:
     def make_state(self) -> InterpreterState:
         return InterpreterState(self.program.states)
 
-    def _args(self, op: Operation, env: dict[str, np.ndarray], require_all=False) -> dict:
+    def _args(self, op: Operation, env: dict[str, Any]) -> dict[str, Any]:
         args = {}
         for param, bindings in op.inputs.items():
             vals = []
