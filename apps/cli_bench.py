@@ -91,10 +91,12 @@ def bench(model, backends, quantize, concurrency, prompt_tokens, gen_tokens, rep
 @click.command("eval")
 @click.option("--model", "-m", default=None,
               help="Model directory or .gguf file [default: SmolLM2-135M-Instruct].")
-@click.option("--backend", "-b", "backends", multiple=True, required=True,
+@click.option("--backend", "-b", "backends", multiple=True,
               help="Candidate backend(s), repeatable or comma-separated.")
 @click.option("--quantize", "-q", "quantize", multiple=True,
               help="Candidate storage formats among f32,f16,q8,q4 [default: f32].")
+@click.option("--candidate", "candidates", multiple=True, metavar="BACKEND-QUANT",
+              help="More candidates as BACKEND-QUANT, e.g. mlx-q4 (repeatable).")
 @click.option("--against", default="numpy-f32", show_default=True,
               help="Reference as BACKEND-QUANT.")
 @click.option("--reference-model", default=None,
@@ -122,7 +124,7 @@ def bench(model, backends, quantize, concurrency, prompt_tokens, gen_tokens, rep
               help="Write the full report as JSON to OUT ('-': stdout).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
-def eval_command(ctx, model, backends, quantize, against, reference_model, text_file, dataset,
+def eval_command(ctx, model, backends, quantize, candidates, against, reference_model, text_file, dataset,
                  max_tokens, greedy_tokens, group_size, kl_threshold, p99_kl_threshold,
                  top1_threshold, ppl_threshold, greedy_threshold, json_out, no_progress):
     """Perplexity, KL divergence, top-1 and greedy agreement of backends/quantizations
@@ -134,7 +136,8 @@ def eval_command(ctx, model, backends, quantize, against, reference_model, text_
     thresholds = Thresholds(max_mean_kl=kl_threshold, max_p99_kl=p99_kl_threshold,
                             min_top1=top1_threshold, max_ppl_ratio=ppl_threshold,
                             min_greedy=greedy_threshold)
-    report = run_eval(model, list(backends), list(quantize), against=against,
+    report = run_eval(model, list(backends), list(quantize), candidates=list(candidates),
+                      against=against,
                       reference_model=reference_model, text_file=text_file, dataset=dataset,
                       max_tokens=max_tokens, greedy_tokens=greedy_tokens,
                       group_size=group_size, thresholds=thresholds,

@@ -180,7 +180,7 @@ def test_eval_numpy_against_itself_is_exact(tiny_model_dir, tmp_path):
 
 def test_eval_q4_drifts_a_little(tiny_model_dir, tmp_path):
     r, report = eval_json(tmp_path, "--model", tiny_model_dir, "--backend", "numpy",
-                          "--quantize", "q8,q4", "--group-size", "32", "--kl-threshold", "1",
+                          "--quantize", "q8", "--candidate", "numpy-q4", "--group-size", "32", "--kl-threshold", "1",
                           "--top1-threshold", "0.3", "--ppl-threshold", "1.5")
     assert r.exit_code == 0, r.output
     q8, q4 = report["candidates"]
@@ -244,3 +244,18 @@ def test_drift_figures_by_hand():
     assert d["perplexity"] == pytest.approx(math.exp(-(math.log(0.25) + math.log(0.8)) / 2))
     g = greedy_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]])
     assert g["agreement"] == pytest.approx((0.5 + 1) / 2) and g["identical"] == 1
+
+
+def test_eval_coreml_export_through_its_interpreter(tiny_model_dir, tmp_path):
+    # Core ML runs only on macOS; on any OS the exported package is evaluated by the NumPy
+    # MIL interpreter of the Core ML converter, which is what this candidate measures.
+    pytest.importorskip("coremltools")
+    pytest.importorskip("ondevice.converters.coreml.interpreter")
+    r, report = eval_json(tmp_path, "--model", tiny_model_dir, "--candidate", "coreml-f16")
+    assert r.exit_code == 0, r.output
+    (row,) = report["candidates"]
+    assert (row["backend"], row["storage"]) == ("coreml", "f16")
+    # float16 weights and KV: close to the float32 reference, but not bit-identical.
+    assert 0 < row["kl"]["mean"] < 1e-3 and row["top1_agreement"] > 0.9
+    r = run("eval", "--model", tiny_model_dir, "--candidate", "coreml-f32", *FAST_EVAL)
+    assert r.exit_code == 1 and "Core ML exports f16, q8 (int8) or q4 (int4)" in r.output

@@ -50,7 +50,8 @@ class Spec:
     def parse(cls, text: str) -> Spec:
         backend, sep, quant = text.strip().rpartition("-")
         if not sep or not backend:
-            raise BenchError(f"--against {text!r}: write it as BACKEND-QUANT, e.g. numpy-f32")
+            raise BenchError(f"{text!r}: write a backend and storage as BACKEND-QUANT, "
+                             "e.g. numpy-f32")
         parse_quantize(quant)
         return cls(backend, quant)
 
@@ -186,6 +187,95 @@ class _Loaded:
         gc.collect()
 
 
+class _CoreML:
+    """A Core ML export of the model, run anywhere by the NumPy MIL interpreter that
+    ``ondevice.converters.coreml`` verifies packages with (Core ML itself runs only on
+    macOS). Exports are cached under ``$ONDEVICE_HOME/bench/coreml``."""
+
+    MODES = {"f16": "f16", "q8": "int8", "q4": "int4"}  # ours -> the exporter's
+    CHUNK = 128  # tokens per predict call while scoring or prefilling
+
+    def __init__(self, src: Path, quantize: str, tokens_needed: int, progress: bool):
+        try:
+            from ..converters.coreml import export_coreml, read_manifest
+            from ..converters.coreml.interpreter import MILInterpreter
+        except ImportError as err:
+            raise BenchError(f"Core ML verification is not available: {err}") from None
+        from ..default_model import home
+        from ..modeldir import ModelDir
+
+        if quantize not in self.MODES:
+            raise BenchError(f"Core ML exports f16, q8 (int8) or q4 (int4), not {quantize}")
+        md = ModelDir(src)
+        try:
+            self.tokenizer = md.tokenizer
+            context = md.config.context_length
+        finally:
+            md.close()
+        bs = 16
+        max_context = min(context - context % bs, -(-(tokens_needed + 1) // bs) * bs)
+        if max_context < tokens_needed:
+            raise BenchError(f"{tokens_needed} tokens exceed the context {context}")
+        self.storage = self.MODES[quantize]
+        out = (home() / "bench" / "coreml" / f"{src.name}-{_dir_key(src)}-{self.storage}"
+               f"-ctx{max_context}" / "model.mlpackage")
+        if not (out.parent / "DONE").is_file():
+            export_coreml(src, out, quantize=self.storage, max_context=max_context,
+                          block_size=bs, logits="all", force=True, progress=progress)
+            (out.parent / "DONE").write_text("")
+        self.manifest = read_manifest(out)
+        self.interp = MILInterpreter.open(out)
+        self.block_size = self.manifest["block_size"]
+        self.table = np.arange(self.manifest["max_blocks_per_sequence"], dtype=np.int32)
+        self.blocks = [int(b) for b in self.table]
+
+    def _forward(self, state, ids: list[int], start: int) -> np.ndarray:
+        from ..batch import BatchInput
+
+        batch = BatchInput.build([(ids, start, self.blocks)], self.block_size, logits_for="all")
+        out = self.interp.predict({
+            "input_ids": batch.token_ids, "positions": batch.positions,
+            "slot_mapping": batch.slot_mapping, "block_table": self.table,
+            "seq_len": batch.seq_lens,
+        }, state)
+        return np.asarray(out["logits"], dtype=np.float32)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        state = self.interp.make_state()
+        return np.concatenate([self._forward(state, ids[i:i + self.CHUNK], i)
+                               for i in range(0, len(ids), self.CHUNK)])
+
+    def greedy(self, prompts: list[dict], n: int) -> list[list[int]]:
+        out = []
+        for p in prompts:
+            ids = (self.tokenizer.encode_chat(p["messages"], add_generation_prompt=True)
+                   if "messages" in p else self.tokenizer.encode(p["prompt"]))
+            state = self.interp.make_state()
+            for i in range(0, len(ids), self.CHUNK):
+                last = self._forward(state, ids[i:i + self.CHUNK], i)[-1]
+            tokens = []
+            for _ in range(n):
+                tokens.append(int(np.argmax(last)))
+                if len(tokens) < n:
+                    last = self._forward(state, [tokens[-1]], len(ids) + len(tokens) - 1)[-1]
+            out.append(tokens)
+        return out
+
+    def close(self) -> None:
+        self.interp.close()
+        gc.collect()
+
+
+def _dir_key(path: Path) -> str:
+    import hashlib
+
+    parts = [str(path.resolve())]
+    for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
 def text_ids(path: Path, text: str, max_tokens: int) -> list[int]:
     from ..modeldir import ModelDir
 
@@ -202,31 +292,41 @@ def text_ids(path: Path, text: str, max_tokens: int) -> list[int]:
 
 def run_eval(
     model: str | None, backends: list[str], quantize: list[str], *,
-    against: str = "numpy-f32", reference_model: str | None = None,
+    candidates: list[str] | None = None, against: str = "numpy-f32", reference_model: str | None = None,
     text_file: str | None = None, dataset: str | None = None, max_tokens: int = 512,
     greedy_tokens: int = 32, group_size: int = 64, thresholds: Thresholds | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate every ``backend`` x ``quantize`` candidate against the reference spec and
-    return the report (``verdict`` is ``"pass"`` when every candidate passes)."""
+    """Evaluate every ``backend`` x ``quantize`` candidate, and every ``candidates`` spec
+    (``"mlx-q4"``), against the reference spec and return the report (``verdict`` is
+    ``"pass"`` when every candidate passes)."""
     from tqdm import tqdm
 
     thresholds = thresholds or Thresholds()
     backends = parse_list(backends)
     quantize = parse_quantize(quantize) or ["f32"]
     ref_spec = Spec.parse(against)
-    if not backends:
-        raise BenchError("--backend is required (e.g. --backend numpy)")
+    specs = [Spec(b, q) for b in backends for q in quantize]
+    specs += [Spec.parse(c) for c in parse_list(candidates)]
+    specs = list(dict.fromkeys(specs))
+    if not specs:
+        raise BenchError("nothing to evaluate: give --backend B (and --quantize) or --candidate")
     if max_tokens < 2 or greedy_tokens < 1:
         raise BenchError("--max-tokens must be >= 2 and --greedy-tokens >= 1")
-    for b in dict.fromkeys([*backends, ref_spec.backend]):
+    for b in dict.fromkeys([*(c.backend for c in specs), ref_spec.backend]):
+        if b == "coreml" and b != ref_spec.backend:
+            # A candidate through the exporter and its interpreter, on any OS.
+            for c in specs:
+                if c.backend == "coreml" and c.quantize not in _CoreML.MODES:
+                    raise BenchError(
+                        f"Core ML exports f16, q8 (int8) or q4 (int4), not {c.quantize}")
+            continue
         if b not in KNOWN:
             raise BenchError(f"unknown backend {b!r} (known: {', '.join(KNOWN)})")
         backend_class(b)  # BackendUnavailableError says why it cannot run here
     text, source = load_text(text_file, dataset)
     prompts = builtin_prompts()
-    candidates = [Spec(b, q) for b in backends for q in quantize]
-    bar = tqdm(total=2 * (len(candidates) + 1), desc="eval", unit="step", file=sys.stderr,
+    bar = tqdm(total=2 * (len(specs) + 1), desc="eval", unit="step", file=sys.stderr,
                disable=not progress, leave=False)
 
     def tick(what: str) -> None:
@@ -237,7 +337,7 @@ def run_eval(
         ref_path = model_variant(reference_model if reference_model is not None else model,
                                  ref_spec.quantize, group_size=group_size, quiet=not progress)
         ids = text_ids(ref_path, text, max_tokens)
-        need = max(len(ids), greedy_tokens + 512)
+        need = max(len(ids), 128 + greedy_tokens)  # the greedy prompts are short
         ref = _Loaded(ref_path, ref_spec.backend, need)
         try:
             ref_logits = ref.logits(ids)[:-1]  # the last position has no next token in the text
@@ -248,10 +348,16 @@ def run_eval(
             ref.close()
         targets = np.asarray(ids[1:])
         rows = []
-        for spec in candidates:
-            path = model_variant(model, spec.quantize, group_size=group_size,
-                                 quiet=not progress)
-            cand = _Loaded(path, spec.backend, need)
+        for spec in specs:
+            if spec.backend == "coreml":
+                # Exported from the float32 weights: the package's own storage is the
+                # quantization (f16, or Core ML's int8/int4).
+                path = model_variant(model, "f32", quiet=not progress)
+                cand = _CoreML(path, spec.quantize, need, progress)
+            else:
+                path = model_variant(model, spec.quantize, group_size=group_size,
+                                     quiet=not progress)
+                cand = _Loaded(path, spec.backend, need)
             try:
                 row = drift(ref_logits, cand.logits(ids)[:-1], targets)
                 tick(f"{spec} text")
@@ -260,6 +366,9 @@ def run_eval(
             finally:
                 cand.close()
             row = {"backend": spec.backend, "quantize": spec.quantize, "model_dir": str(path),
+                   "storage": getattr(cand, "storage", spec.quantize),
+                   "runs_on": "MIL interpreter (NumPy)" if spec.backend == "coreml"
+                   else spec.backend,
                    **row, "perplexity_ratio": row["perplexity"] / row["reference_perplexity"]}
             row["failures"] = verdict(row, thresholds)
             row["verdict"] = "fail" if row["failures"] else "pass"
