@@ -216,8 +216,12 @@ def convert(src, out, target, quantize, group_size, max_context, block_size, num
     """Convert a GGUF file or a Hugging Face directory into an ondevice model directory,
     or (--to coreml) into a stateful Core ML package with its manifest."""
     if target == "coreml":
+        from ..converters import ConversionError
         from ..converters.coreml import export_coreml
 
+        if group_size != 64:
+            raise ConversionError("--group-size applies to --to ondevice only (Core ML int8/int4 "
+                                  "use blocks of 32 input channels)")
         path = export_coreml(src, out, quantize=quantize or "f16", max_context=max_context,
                              block_size=16 if block_size is None else block_size,
                              num_blocks=num_blocks, force=force)

@@ -489,6 +489,7 @@ def test_cli_convert_and_verify(tiny_src, tmp_path):
     (["--to", "coreml", "--max-context", "40"], "not a multiple of the block size"),
     (["-q", "int4"], "is for --to coreml"),
     (["--max-context", "64"], "--max-context applies to --to coreml only"),
+    (["--to", "coreml", "--group-size", "32"], "--group-size applies to --to ondevice only"),
 ])
 def test_cli_bad_options(tiny_src, tmp_path, args, message):
     res = CliRunner().invoke(cli, ["convert", str(tiny_src), "-o",
