@@ -56,6 +56,11 @@ class CoreMLBackend(Backend):
 
     name = "coreml"
 
+    @staticmethod
+    def kv_bytes_per_token(config, itemsize: int = 2) -> int:
+        """The KV states are float16."""
+        return Backend.kv_bytes_per_token(config, itemsize)
+
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         if sys.platform != "darwin":
@@ -98,11 +103,15 @@ class CoreMLBackend(Backend):
             )
         self.max_blocks = int(m["max_blocks_per_sequence"])
         self.units = compute_units(units)
+        self.mlmodel, self.state = self._open()
+
+    def _open(self) -> tuple[Any, Any]:
+        """Load the package with Core ML: the model and a fresh (zeroed) state."""
         ct = self._ct()
-        self.mlmodel = ct.models.MLModel(
+        mlmodel = ct.models.MLModel(
             str(self.package), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[self.units])
         )
-        self.state = self.mlmodel.make_state()
+        return mlmodel, mlmodel.make_state()
 
     @classmethod
     def from_package(cls, package: str | Path, *, model: str | Path | None = None,
@@ -130,7 +139,10 @@ class CoreMLBackend(Backend):
         from ..default_model import home
 
         c = model.config
-        ctx = min(2048, c.context_length, num_blocks * block_size)
+        # The engine lets a sequence grow to min(context, pool); the package must take that
+        # much (its attention spans max_context every step, so apps that want speed export
+        # a shorter one themselves and use from_package).
+        ctx = min(c.context_length, num_blocks * block_size)
         ctx -= ctx % block_size
         out = (home() / "coreml" / f"{model.path.name}-f16-{num_blocks}x{block_size}-{ctx}"
                / "model.mlpackage")
