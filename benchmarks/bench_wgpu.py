@@ -1,5 +1,5 @@
 """wgpu backend benchmark: GEMV weight bandwidth of the decode shaders (f32, f16, q4) against
-NumPy's GEMV on the same shapes in the same run, decode and prefill tok/s of the default model
+NumPy's GEMV on the same shapes in the same run and against a read-only streaming kernel, decode and prefill tok/s of the default model
 (f32, f16, q4), and where a decode step's time goes (recording, submit, kernels, readback).
 
 Prints JSON and writes it to benchmarks/results/wgpu.json. Usage::
@@ -87,6 +87,57 @@ def bench_numpy_gemv(config, reps: int) -> dict:
         t = statistics.median(times)
         out[label] = {"seconds": t, "weight_bytes": w.nbytes, "GBps": w.nbytes / t / 1e9}
     return out
+
+
+# A kernel that only reads: each invocation sums 16 vec4s of a buffer. No GEMV can read its
+# weights faster than this on the same adapter, so it is the ceiling the GEMV figures are
+# measured against (on lavapipe every loaded component costs a per-lane scalar load).
+STREAM_WGSL = """
+@group(0) @binding(0) var<storage, read> w: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    var s = vec4<f32>(0.0);
+    for (var k = 0u; k < 16u; k++) { s += w[i * 16u + k]; }
+    y[i] = s.x + s.y + s.z + s.w;
+}
+"""
+
+
+def bench_stream(be: WgpuBackend, mib: int = 64) -> dict:
+    """GB/s of a read-only streaming kernel over ``mib`` MiB (the adapter's read ceiling)."""
+    dev = be.dev
+    nbytes = mib << 20
+    data = np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)
+    src = dev.buffer(data)
+    n_inv = nbytes // (16 * 16)
+    out = dev.device.create_buffer(size=n_inv * 4, usage=wgpu.BufferUsage.STORAGE
+                                   | wgpu.BufferUsage.COPY_SRC)
+    module = dev.device.create_shader_module(code=STREAM_WGSL)
+    pipe = dev.device.create_compute_pipeline(
+        layout="auto", compute={"module": module, "entry_point": "main"})
+    group = dev.device.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=[
+        {"binding": 0, "resource": {"buffer": src, "offset": 0, "size": src.size}},
+        {"binding": 1, "resource": {"buffer": out, "offset": 0, "size": out.size}}])
+    groups = n_inv // 64
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        enc = dev.device.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        cp.set_pipeline(pipe)
+        cp.set_bind_group(0, group)
+        cp.dispatch_workgroups(min(groups, 65535), -(-groups // 65535), 1)
+        cp.end()
+        dev.queue.submit([enc.finish()])
+        dev.queue.read_buffer(out, 0, 4)
+        times.append(time.perf_counter() - t0)
+    t = min(times[1:])
+    t0 = time.perf_counter()
+    data.sum()
+    return {"bytes": nbytes, "wgpu_GBps": nbytes / t / 1e9,
+            "numpy_sum_GBps": nbytes / (time.perf_counter() - t0) / 1e9}
 
 
 def bench_model(be: WgpuBackend, prompt_len: int, steps: int) -> dict:
@@ -178,6 +229,8 @@ def main() -> None:
                                ("q4", q4_dir, "float32")):
         md = ModelDir(path)
         be = WgpuBackend(md, num_blocks=blocks, block_size=16, dtype=dtype)
+        if label == "f32":
+            result["stream_read_ceiling"] = bench_stream(be)
         result["gemv"][f"wgpu {label}"] = bench_gemv(be, args.reps)
         result["gemv"][f"numpy f32 (during {label})"] = bench_numpy_gemv(md.config, args.reps)
         result["model"][label] = bench_model(be, args.prompt, args.steps)
