@@ -47,9 +47,11 @@ from .base import Backend
 F32 = np.float32
 DTYPES = ("float32", "float16")
 RELEASE_EVERY = 64 << 20  # bytes uploaded between drops of the checkpoint's mapped pages
-# Rows of x up to which the decode GEMV kernels run (one weight row per invocation, every x
-# row against it); above it, the tiled kernels. Measured on lavapipe (benchmarks/bench_wgpu.py).
-GEMV_MAX_ROWS = 4
+# Rows of x up to which the GEMV kernels run (each invocation: 8 weight rows against every x
+# row); above it, the tiled kernels. On lavapipe the GEMV kernel at 8 rows takes about a third
+# of the tiled kernel's time on the same product and the same time at 32 rows
+# (1536x576 f32, measured), so decode batches of up to 8 sequences stay on it.
+GEMV_MAX_ROWS = 8
 GEMV_ROWS = 8  # weight rows per invocation of the GEMV kernels (each x load serves all of them)
 TILE = 8  # rows of x per invocation of the prefill kernels (by 4 dense or TILE quantized weight rows)
 MAX_GROUPS = 65535  # workgroups per grid dimension (the WebGPU default limit)
@@ -711,13 +713,11 @@ class WgpuOps:
         if rows.size == x.rows and np.array_equal(rows, np.arange(rows.size)):
             return x
         out = self._new(rows.size, x.cols)
-        if rows.size:
-            m = _Matrix([_Part(0, x.rows, x.buf)], x.rows, x.cols, "f32")
+        if rows.size:  # the embedding gather, with the activation as the table
             params = (rows.size, x.cols, 0, x.rows)
             self._dispatch("embedding", self.be.subst("f32"), None, params,
                            [x.buf, self._ints(rows), out.buf],
                            (*_grid(-(-rows.size * x.cols // 256)), 1))
-            del m
         return out
 
     def _logit_chunks(self, x: GTensor, lm_head: _Matrix) -> list[tuple[int, int]]:

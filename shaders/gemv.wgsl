@@ -25,15 +25,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_index) lid: u32) {
     let r0 = ((wid.x + wid.y * nwg.x) * WG + lid) * CR;
     if (r0 >= p.nout) { return; }
+    let t0 = wid.z * RT;  // this workgroup's block of x rows
     var acc: array<array<f32, CR>, RT>;
     // Rows past the end read the last row again (their results are not stored).
     var wb: array<u32, CR>;
     for (var c = 0u; c < CR; c++) { wb[c] = min(r0 + c, p.nout - 1u) * p.nin; }
+    var xb: array<u32, RT>;
+    for (var t = 0u; t < RT; t++) { xb[t] = min(t0 + t, p.rows - 1u) * p.nin; }
     for (var k = 0u; k < p.nin; k++) {
         var wv: array<$XV, CR>;
         for (var c = 0u; c < CR; c++) { wv[c] = $XV(w[wb[c] + k]); }
         for (var t = 0u; t < RT; t++) {
-            let xv = x[min(t, p.rows - 1u) * p.nin + k];
+            let xv = x[xb[t] + k];
             for (var c = 0u; c < CR; c++) { acc[t][c] += $DOT(wv[c], xv); }
         }
     }
@@ -42,8 +45,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (r >= p.nout) { break; }
         var b = 0.0;
         if (p.has_bias != 0u) { b = bias[r]; }
-        for (var t = 0u; t < min(RT, p.rows); t++) {
-            y[t * p.ystride + p.yoff + r] = acc[t][c] + b;
+        for (var t = 0u; t < min(RT, p.rows - t0); t++) {
+            y[(t0 + t) * p.ystride + p.yoff + r] = acc[t][c] + b;
         }
     }
 }
