@@ -7,6 +7,8 @@ builds it from tiny model directories like any caller would (``cls(model_dir, nu
 block_size=...)``, plus ``dtype="float32"`` when the constructor takes a dtype), reaches its ops
 and weight handles as ``backend.ops`` and ``backend.params``, and moves arrays through
 ``ops.from_host`` / ``ops.to_host`` (a backend computing on NumPy arrays needs neither).
+A backend that can also store weights and KV as float16 (wgpu with ``shader-f16``) runs a second
+variant so, held to 5e-4 on the ops that read weights or KV and to the float32 bound elsewhere.
 Adding an op to the protocol adds one test here.
 """
 
