@@ -97,19 +97,29 @@ def model_variant(model: str | os.PathLike | None, quantize: str, *, group_size:
 
     if quantize not in QUANTIZE_MODES:
         raise BenchError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
+    # The group size is part of a quantized variant's name unless it is the default (64).
+    suffix = f"-g{group_size}" if quantize in ("q8", "q4") and group_size != 64 else ""
     if model is None:
-        return default_model_dir(quantize, quiet=quiet)
+        if not suffix:
+            return default_model_dir(quantize, quiet=quiet)
+        model = packaged_gguf()
+        out = home() / "models" / f"smollm2-135m-instruct-{quantize}{suffix}"
+        if (out / "config.json").is_file():
+            return out
+        return convert(model, out, quantize=quantize, group_size=group_size,
+                       progress=not quiet)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         if quantize == "f32":
             return resolve_model(path, quiet=quiet)
         st = path.stat()
-        out = home() / "models" / f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}-{quantize}"
+        out = home() / "models" / (f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}-"
+                                   f"{quantize}{suffix}")
         if (out / "config.json").is_file():
             return out
         return convert(path, out, quantize=quantize, group_size=group_size, progress=not quiet)
     path = resolve_model(path, quiet=quiet)
-    if stored_format(path) == quantize:
+    if stored_format(path) == quantize and _group_size(path) in (None, group_size):
         return path
     # Key the cache by where the source is and when it last changed, so an edited model is
     # converted again rather than served stale.
@@ -118,11 +128,16 @@ def model_variant(model: str | os.PathLike | None, quantize: str, *, group_size:
     stamp = f"{path.resolve()}|{st.st_mtime_ns}|" + "|".join(
         f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
     key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
-    out = home() / "bench" / f"{path.name}-{key}-{quantize}"
+    out = home() / "bench" / f"{path.name}-{key}-{quantize}{suffix}"
     if (out / "config.json").is_file():
         return out
     return convert(path, out, quantize=quantize, group_size=group_size, force=True,
                    progress=not quiet)
+
+
+def _group_size(path: Path) -> int | None:
+    quant = json.loads((Path(path) / "config.json").read_text()).get("quantization")
+    return int(quant["group_size"]) if isinstance(quant, dict) and "group_size" in quant else None
 
 
 def weight_bytes_per_token(path: Path) -> int:

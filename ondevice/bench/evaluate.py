@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import KNOWN, backend_class
-from .common import BenchError, machine_info, model_variant, parse_list, parse_quantize
+from .common import (
+    BenchError,
+    _group_size,
+    machine_info,
+    model_variant,
+    parse_list,
+    parse_quantize,
+)
 
 SCHEMA_VERSION = 1
 ROWS_PER_CHUNK = 64  # log-softmax in float64 over this many positions at a time
@@ -367,6 +374,7 @@ def run_eval(
                 cand.close()
             row = {"backend": spec.backend, "quantize": spec.quantize, "model_dir": str(path),
                    "storage": getattr(cand, "storage", spec.quantize),
+                   "group_size": None if spec.backend == "coreml" else _group_size(path),
                    "runs_on": "MIL interpreter (NumPy)" if spec.backend == "coreml"
                    else spec.backend,
                    **row, "perplexity_ratio": row["perplexity"] / row["reference_perplexity"]}

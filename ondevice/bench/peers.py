@@ -27,6 +27,7 @@ def default_threads() -> int:
 
 
 def _missing(name: str, module: str, extra: str) -> dict | None:
+    importlib.invalidate_caches()  # a peer installed while this run measured ours counts
     if importlib.util.find_spec(module) is None:
         return {"name": name, "status": "not installed",
                 "reason": f"{extra} is not installed (pip install 'ondevice[peers]')"}

@@ -25,6 +25,7 @@ from ..memory import peak_rss_bytes
 from ..sampling import SamplingParams
 from .common import (
     BenchError,
+    _group_size,
     current_rss_bytes,
     machine_info,
     model_variant,
@@ -197,6 +198,7 @@ def bench_config(path: Path, backend: str, quantize: str, s: BenchSettings,
         be = rt.backend
         out = {
             "backend": backend, "quantize": quantize, "model_dir": str(path),
+            "group_size": _group_size(path),
             "device": getattr(be, "device_name", None) or backend_class(backend).availability()[1],
             "load_seconds": load_s,
             "decode_tok_per_s": best["decode_tok_per_s"],
@@ -330,13 +332,13 @@ def format_report(report: dict) -> str:
     ]
     peer_names = [p["name"] for p in report["peers"] if p.get("status") == "ok"]
     peer_names = list(dict.fromkeys(peer_names))
-    head = (f"{'config':<14}{'decode':>9}{'prefill':>9}{'TTFT s':>8}{'peak MiB':>9}"
+    head = (f"{'config':<20}{'decode':>9}{'prefill':>9}{'TTFT s':>8}{'peak MiB':>9}"
             f"{'KV util':>8}{'ceiling':>9}{'of ceil':>8}")
     for name in peer_names:
         head += f"{'vs ' + name:>16}"
     lines.append(head)
     for r in report["results"]:
-        row = (f"{r['backend'] + '-' + r['quantize']:<14}{r['decode_tok_per_s']:>9.1f}"
+        row = (f"{r['backend'] + '-' + r['quantize']:<20}{r['decode_tok_per_s']:>9.1f}"
                f"{r['prefill_tok_per_s']:>9.1f}{r['ttft_s']:>8.3f}"
                f"{r['peak_rss_bytes'] / 2**20:>9.0f}{r['kv_utilization']:>8.1%}"
                f"{r['ceiling_tok_per_s']:>9.1f}{r['fraction_of_ceiling']:>8.1%}")
@@ -348,18 +350,19 @@ def format_report(report: dict) -> str:
     for p in report["peers"]:
         if p.get("status") == "ok":
             lines.append(
-                f"{p['name'] + '-' + p['quantize']:<14}{p['decode_tok_per_s']:>9.1f}"
+                f"{p['name'] + '-' + p['quantize']:<20}{p['decode_tok_per_s']:>9.1f}"
                 f"{p['prefill_tok_per_s']:>9.1f}{p['ttft_s']:>8.3f}"
                 + (f"{p['peak_rss_bytes'] / 2**20:>9.0f}" if p.get("peak_rss_bytes") else
                    f"{'-':>9}")
-                + f"  (peer, {p.get('threads', '?')} threads)")
+                + (f"  (peer, {p['threads']} threads)" if p.get("threads")
+                   else f"  (peer, {p.get('device', 'default device')})"))
         else:
-            lines.append(f"{p['name']:<14} not run: {p.get('reason', p.get('status'))}")
+            lines.append(f"{p['name']:<20} not run: {p.get('reason', p.get('status'))}")
     lines.append("")
     lines.append("throughput vs concurrency (aggregate tok/s):")
     for r in report["results"]:
         pts = ", ".join(f"{c['requests']}: {c['aggregate_tok_per_s']:.1f}" for c in r["concurrency"])
-        lines.append(f"  {r['backend'] + '-' + r['quantize']:<14}{pts}")
+        lines.append(f"  {r['backend'] + '-' + r['quantize']:<18}{pts}")
     for name, why in report["unavailable_backends"].items():
         lines.append(f"{name}: not run ({why})")
     lines.append("ratios: ours / peer, decode/prefill, from the figures measured in this run")
