@@ -25,8 +25,10 @@ from .interpreter import MILInterpreter
 
 PROMPT = "The capital of France is Paris. Once upon a time there was a tiny model that"
 # Pass criteria per export. Float16 must reproduce the reference's greedy tokens; quantized
-# weights change the model, so int8/int4 are held to agreement floors instead (measured on
-# SmolLM2-135M: see benchmarks/results/coreml.json).
+# weights change the model, so int8/int4 are held to agreement floors instead. Measured on
+# SmolLM2-135M over 17 greedy tokens (benchmarks/results/coreml.json): int8 17/17, int4 10/17;
+# the same symmetric 4-bit scheme applied to the NumPy backend's weights gets 11/17, so the
+# loss is the quantization's, not the program's.
 DEFAULT_MIN_AGREEMENT = {"f16": 1.0, "int8": 0.75, "int4": 0.5}
 
 
