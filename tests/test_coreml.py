@@ -514,6 +514,9 @@ def test_backend_availability_here():
     if sys.platform != "darwin":
         assert not ok and "macOS 15+" in why and "verify-coreml" in why
         assert available_backends()["coreml"][0] is False
+    else:  # a Mac: usable, or says which requirement (macOS 15, the runtime library) is missing
+        assert ok == available_backends()["coreml"][0]
+        assert ("Core ML" in why) if ok else ("macOS" in why or "coremltools" in why)
 
 
 def test_backend_compute_units_are_validated(monkeypatch):
