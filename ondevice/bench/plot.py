@@ -48,6 +48,9 @@ def plot_report(report: dict, out: str | os.PathLike) -> None:
         ax_curve.plot([c["requests"] for c in pts], [c["aggregate_tok_per_s"] for c in pts],
                       marker="o", label=f"{r['backend']}-{r['quantize']}")
     ax_curve.set_xscale("log", base=2)
+    levels = sorted({c["requests"] for r in report["results"] for c in r["concurrency"]})
+    ax_curve.set_xticks(levels, [str(n) for n in levels])
+    ax_curve.minorticks_off()
     ax_curve.set_xlabel("concurrent requests")
     ax_curve.set_ylabel("aggregate generated tokens / s")
     ax_curve.set_title("throughput vs concurrency")
