@@ -275,7 +275,22 @@ def test_engine_tokens_match_numpy(model_dir, quant_dirs, quantized):
     reqs = [(p, GREEDY) for p in prompts]
     np_engine = Engine(NumpyBackend(md, num_blocks=512, block_size=8), None,
                        context_length=md.config.context_length, model_id="tiny")
-    assert run_all(make_engine(md), reqs) == run_all(np_engine, reqs)
+    engine = make_engine(md)
+    assert run_all(engine, reqs) == run_all(np_engine, reqs)
+    assert engine.num_topk_steps == engine.num_steps  # greedy rows: argmax picked on the GPU
+
+
+def test_engine_reads_whole_rows_when_a_request_needs_them(model_dir):
+    """Logprobs or penalties need the whole row: such steps read the logits back, and a
+    greedy request batched with them gets the same tokens either way."""
+    prompts = mixed_prompts(model_dir.config.vocab_size, count=2, lengths=(6, 40), seed=4)
+    needs_row = SamplingParams(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True)
+    engine = make_engine(model_dir)
+    mixed = run_all(engine, [(prompts[0], GREEDY), (prompts[1], needs_row)])
+    assert engine.num_topk_steps < engine.num_steps
+    alone = make_engine(model_dir)
+    assert run_all(alone, [(prompts[0], GREEDY)]) == mixed[:1]
+    assert alone.num_topk_steps == alone.num_steps
 
 
 def test_cli_generate_with_wgpu(tiny_model_dir):

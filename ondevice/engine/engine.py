@@ -50,6 +50,7 @@ class Engine:
         self.num_generated = 0
         self.num_prompt_tokens = 0
         self.num_steps = 0
+        self.num_topk_steps = 0  # steps whose tokens were picked on the backend's device
 
     # -- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
@@ -115,7 +116,7 @@ class Engine:
             entries.append((seq.token_ids[start:start + n], start, self.kv.block_ids(seq.seq_id)))
             wants.append(start + n == len(seq.token_ids))
         batch = BatchInput.build(entries, self.block_size, logits_for=wants)
-        logits = self.backend.forward(batch) if batch.num_tokens else None
+        logits = self._forward(batch, [seq for (seq, _), w in zip(sched.scheduled, wants) if w])
         self.num_steps += 1
         outputs: list[RequestOutput] = []
         row = 0
@@ -135,6 +136,23 @@ class Engine:
                     outputs.extend(self._sample(child, row_logits))
             outputs.extend(self._sample(seq, row_logits))
         return outputs
+
+    def _forward(self, batch: BatchInput, sampled: list[Sequence]) -> np.ndarray | None:
+        """Logits of the rows to sample. When every such row is plain greedy and the backend
+        selects top-k on its device (wgpu), only each row's argmax is read back; the row
+        handed to the sampler is then -inf but for that token, which greedy picks alike."""
+        if not batch.num_tokens:
+            return None
+        topk = getattr(self.backend, "forward_topk", None)
+        if topk is None or not sampled or not all(_plain_greedy(s.request.params) for s in sampled):
+            return self.backend.forward(batch)
+        ids, vals = topk(batch, 1)
+        rows = np.full((len(ids), self.vocab_size), -np.inf, np.float32)
+        for r, (i, v) in enumerate(zip(ids[:, 0], vals[:, 0], strict=True)):
+            if 0 <= i < self.vocab_size:  # no id: every logit was NaN or -inf (sampler raises)
+                rows[r, i] = v
+        self.num_topk_steps += 1
+        return rows
 
     def _fork(self, seq: Sequence) -> None:
         """n > 1: the other samples share the prompt's blocks (copy-on-write on the last)."""
@@ -245,3 +263,9 @@ def score_tokens(engine: Engine, token_ids: list[int], *, logits_for: str = "all
     finally:
         engine.kv.free(rid)
     return np.concatenate(rows) if logits_for == "all" else rows[-1]
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing that needs the whole row: no penalties, no logprobs."""
+    return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
