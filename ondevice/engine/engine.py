@@ -116,7 +116,8 @@ class Engine:
             entries.append((seq.token_ids[start:start + n], start, self.kv.block_ids(seq.seq_id)))
             wants.append(start + n == len(seq.token_ids))
         batch = BatchInput.build(entries, self.block_size, logits_for=wants)
-        logits = self._forward(batch, [seq for (seq, _), w in zip(sched.scheduled, wants) if w])
+        sampled = [seq for (seq, _), w in zip(sched.scheduled, wants, strict=True) if w]
+        logits = self._forward(batch, sampled)
         self.num_steps += 1
         outputs: list[RequestOutput] = []
         row = 0
