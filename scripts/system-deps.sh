@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
 # Install the Debian packages given as arguments when they are missing (as root, no prompts).
+# With ONDEVICE_DEB_BACKPORTS=1 on Debian 12 (bookworm), take them from bookworm-backports
+# (adding that suite to apt's sources if needed): Mesa 25's lavapipe runs the wgpu backend's
+# shaders 3-4x faster than bookworm's Mesa 22.3. CI sets it; elsewhere it is opt-in.
 set -euo pipefail
+backports=""
+if [ "${ONDEVICE_DEB_BACKPORTS:-0}" = "1" ] && grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+  backports="bookworm-backports"
+fi
 missing=()
 for pkg in "$@"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  if [ -n "$backports" ]; then
+    version=$(dpkg-query -W -f='${Status} ${Version}' "$pkg" 2>/dev/null || true)
+    case "$version" in "install ok installed"*bpo12*) continue ;; esac
+  else
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" && continue
+  fi
+  missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
@@ -15,5 +28,18 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
+target=()
+if [ -n "$backports" ]; then
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  fi
+  target=(-t "$backports")
+fi
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+apt-get install -y -qq --no-install-recommends "${target[@]}" "${missing[@]}" </dev/null
