@@ -68,6 +68,12 @@ class Backend(ABC):
     def kv_bytes_per_token(config: ModelConfig, itemsize: int = 4) -> int:
         return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
+    @classmethod
+    def max_kv_blocks(cls, config: ModelConfig, block_size: int) -> int | None:
+        """The largest KV pool (in blocks) this backend can hold here; None: no limit beyond
+        memory. A default-sized pool is clamped to it."""
+        return None
+
     @abstractmethod
     def forward(self, batch: BatchInput) -> np.ndarray:
         """float32 logits ``[len(batch.logits_indices), vocab]``; writes the batch's K/V."""

@@ -847,6 +847,17 @@ class WgpuBackend(Backend):
                 itemsize = 4
         return Backend.kv_bytes_per_token(config, itemsize)
 
+    @classmethod
+    def max_kv_blocks(cls, config: ModelConfig, block_size: int) -> int | None:
+        """Blocks whose per-layer K (or V) buffer fits one storage binding of the adapter."""
+        try:
+            adapter = choose_adapter()
+            limit = int(adapter.limits["max-storage-buffer-binding-size"])
+        except BackendUnavailableError:
+            return None
+        per_token = cls.kv_bytes_per_token(config) // (2 * config.num_hidden_layers)
+        return max(1, limit // (per_token * block_size))
+
     def forward(self, batch: BatchInput) -> np.ndarray:
         return self.model.forward(self.ops, self.params, batch)
 

@@ -73,6 +73,9 @@ class Runtime:
         else:
             budget = parse_size(kv_memory)
         num_blocks = budget // per_block
+        cap = cls.max_kv_blocks(self.config, block_size)
+        if kv_memory is None and cap is not None:
+            num_blocks = min(num_blocks, cap)  # e.g. wgpu: one layer's K within one binding
         if num_blocks < 1:
             raise RequestError(f"KV memory {budget} bytes is less than one block ({per_block} bytes)")
         self.model_id = model_id(model_dir)

@@ -123,6 +123,22 @@ def test_kv_pool_over_the_binding_limit_is_a_clear_error(model_dir):
         WgpuBackend(model_dir, num_blocks=64, block_size=16, max_binding=4096, **F32)
 
 
+def test_default_kv_pool_is_clamped_to_one_binding(tiny_model_dir, monkeypatch):
+    cfg = ModelDir(tiny_model_dir).config
+    cap = WgpuBackend.max_kv_blocks(cfg, 16)
+    limit = wgpu_backend.choose_adapter().limits["max-storage-buffer-binding-size"]
+    per_block = WgpuBackend.kv_bytes_per_token(cfg) // (2 * cfg.num_hidden_layers) * 16
+    assert cap * per_block <= limit < (cap + 1) * per_block
+    # A default-sized pool larger than the cap is clamped; an explicit one is the user's call.
+    monkeypatch.setattr(WgpuBackend, "max_kv_blocks", classmethod(lambda cls, c, bs: 10))
+    model = ondevice.load(tiny_model_dir, backend="wgpu")
+    assert model.runtime.backend.num_blocks == 10
+    model.close()
+    model = ondevice.load(tiny_model_dir, backend="wgpu", kv_memory="1MiB")
+    assert model.runtime.backend.num_blocks > 10
+    model.close()
+
+
 # -- one submit per step, cached GPU objects --------------------------------------------------
 def test_one_submit_per_step_and_no_new_gpu_objects_when_warm(model_dir, monkeypatch):
     be = WgpuBackend(model_dir, num_blocks=16, block_size=8, **F32)
