@@ -1,6 +1,7 @@
 """The wgpu backend beyond single ops (those are in test_conformance.py): adapter choice and
 listing, one submit per step with cached GPU objects, float16 and quantized paths, tensors split
-over several storage bindings, GPU top-k, the engine's equivalence guarantees on wgpu, the CLI,
+over several storage bindings, GPU top-k and its use by the engine, engine tokens equal to
+NumPy's (batched = alone etc.: test_engine_backends.py), the CLI,
 and the golden check on the real model at float32.
 
 Runs for real on whatever adapter wgpu finds (Mesa lavapipe on a machine without a GPU). Under
@@ -230,58 +231,11 @@ def test_gpu_topk_matches_sorted_logits(model_dir):
     np.testing.assert_array_equal(tie_ids, [[0, 1, 2]])
 
 
-# -- the engine on wgpu (same guarantees as tests/test_engine.py on NumPy) ----------------------
+# -- the engine on wgpu (batched = alone etc. for every backend: test_engine_backends.py) ------
 def make_engine(md, num_blocks=512, block_size=8, caching=True, **kw) -> Engine:
     backend = WgpuBackend(md, num_blocks=num_blocks, block_size=block_size, **F32)
     return Engine(backend, md.tokenizer, context_length=md.config.context_length,
                   enable_prefix_caching=caching, model_id="tiny", **kw)
-
-
-def run_alone(md, requests, **kw):
-    results = []
-    for p, sp in requests:
-        results.extend(run_all(make_engine(md, **kw), [(p, sp)]))
-    return results
-
-
-def test_engine_batched_equals_alone(model_dir):
-    prompts = mixed_prompts(model_dir.config.vocab_size, count=8, lengths=(5, 300))
-    reqs = [(p, GREEDY) for p in prompts]
-    engine = make_engine(model_dir)
-    batched = run_all(engine, reqs)
-    assert batched == run_alone(model_dir, reqs)
-    assert engine.stats()["steps"] < 8 * 12
-
-
-def test_engine_preemption_gives_identical_results(model_dir):
-    prompts = mixed_prompts(model_dir.config.vocab_size, count=8, lengths=(5, 200), seed=1)
-    reqs = [(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)) for p in prompts]
-    engine = make_engine(model_dir, num_blocks=40)
-    batched = run_all(engine, reqs)
-    assert engine.scheduler.num_preemptions > 0
-    assert batched == run_alone(model_dir, reqs)
-
-
-def test_engine_prefix_caching_hits_and_same_tokens(model_dir):
-    rng = np.random.default_rng(2)
-    vocab = model_dir.config.vocab_size
-    shared = rng.integers(3, vocab, 100).tolist()
-    reqs = [(shared + rng.integers(3, vocab, k).tolist(), GREEDY) for k in (3, 9, 17, 30)]
-    engine = make_engine(model_dir, caching=True)
-    first = run_all(engine, reqs[:1])
-    rest = run_all(engine, reqs[1:])
-    assert engine.stats()["prefix_cache_hits"] >= 3 * 96
-    assert first + rest == run_alone(model_dir, reqs, caching=False)
-
-
-def test_engine_n_samples_fork_and_copy_on_write(model_dir):
-    prompt = mixed_prompts(model_dir.config.vocab_size, count=1, lengths=(21, 21))[0]
-    sp = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3, ignore_eos=True)
-    [ours] = run_all(make_engine(model_dir), [(prompt, sp)])
-    np_engine = Engine(NumpyBackend(model_dir, num_blocks=512, block_size=8), model_dir.tokenizer,
-                       context_length=model_dir.config.context_length, model_id="tiny")
-    [theirs] = run_all(np_engine, [(prompt, sp)])
-    assert ours == theirs
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q4"])
