@@ -17,7 +17,8 @@ and conformance checks run there). Quantized weights keep their MLX-affine packi
 codes, dequantized inside the shaders) with scales and biases as float32 pairs.
 
 Adapter limits: a tensor larger than ``max-storage-buffer-binding-size`` is split into row
-ranges, one buffer and one dispatch each (the limit is 128 MiB on Mesa lavapipe). Adapter
+ranges, one buffer and one dispatch each (the limit is 128 MiB on Mesa lavapipe); a layer's KV
+pool larger than that is split into parts of whole blocks, all bound to the KV kernels. Adapter
 choice: high-performance by default; ``ONDEVICE_WGPU_ADAPTER`` picks the first adapter whose
 name contains that text (case-insensitive). ``ONDEVICE_WGPU_DTYPE`` overrides the dtype.
 
@@ -186,13 +187,15 @@ class Device:
             feats.append("timestamp-query")
         lim = adapter.limits
         self.max_binding = int(lim["max-storage-buffer-binding-size"])
+        self.max_storage_buffers = int(lim["max-storage-buffers-per-shader-stage"])
         self.device = adapter.request_device_sync(
             required_features=feats,
             required_limits={
                 "max-storage-buffer-binding-size": self.max_binding,
                 "max-buffer-size": int(lim["max-buffer-size"]),
+                # All the adapter has: a KV pool split over several bindings needs them.
                 "max-storage-buffers-per-shader-stage":
-                    min(10, int(lim["max-storage-buffers-per-shader-stage"])),
+                    int(lim["max-storage-buffers-per-shader-stage"]),
             },
         )
         self.features = set(feats)
@@ -666,11 +669,13 @@ class WgpuOps:
     def write_kv(self, layer: int, k: GTensor, v: GTensor, slot_mapping: np.ndarray) -> None:
         if k.rows == 0:
             return
-        kp, vp = self.be.k_pools[layer], self.be.v_pools[layer]
+        be = self.be
         n = k.rows * k.cols
-        self._dispatch("kv_write", self.be.subst(self.be.kv_type), None, (k.rows, k.cols),
-                       [k.buf, v.buf, self._ints(slot_mapping), kp, vp],
-                       (*_grid(-(-n // 256)), 1))
+        subst = be.subst(be.kv_type) | {"POOLS": be.pool_code(4, write=True)}
+        self._dispatch("kv_write", subst, None,
+                       (k.rows, k.cols, be.block_size, be.blocks_per_part),
+                       [k.buf, v.buf, self._ints(slot_mapping), *be.k_pools[layer],
+                        *be.v_pools[layer]], (*_grid(-(-n // 256)), 1))
 
     def paged_attention(self, layer: int, q: GTensor, batch: BatchInput, heads: int,
                         kv_heads: int, head_dim: int, scale: float) -> GTensor:
@@ -681,15 +686,16 @@ class WgpuOps:
             raise WgpuError(f"paged_attention: {q.rows} query rows in one step "
                             f"(at most {MAX_GROUPS})")
         g = heads // kv_heads
-        subst = self.be.subst(self.be.kv_type) | {"G": g, "HD": head_dim,
-                                                  "DPT": -(-head_dim // 64)}
-        params = (kv_heads, self.be.block_size, batch.block_tables.shape[1], batch.num_seqs,
-                  float(scale))
+        be = self.be
+        subst = be.subst(be.kv_type) | {"G": g, "HD": head_dim, "DPT": -(-head_dim // 64),
+                                        "POOLS": be.pool_code(7, write=False)}
+        params = (kv_heads, be.block_size, batch.block_tables.shape[1], batch.num_seqs,
+                  float(scale), be.blocks_per_part)
         self._dispatch("paged_attention", subst, None, params,
-                       [q.buf, self.be.k_pools[layer], self.be.v_pools[layer],
-                        self._ints(batch.block_tables), self._ints(batch.seq_lens),
+                       [q.buf, self._ints(batch.block_tables), self._ints(batch.seq_lens),
                         self._ints(batch.query_start_loc), self._ints(batch.positions),
-                        out.buf], (q.rows, kv_heads, 1))
+                        out.buf, *be.k_pools[layer], *be.v_pools[layer]],
+                       (q.rows, kv_heads, 1))
         return out
 
     def _elementwise(self, shader: str, a: GTensor, b: GTensor) -> GTensor:
@@ -796,22 +802,53 @@ class WgpuBackend(Backend):
         if block_bytes % 4:
             raise WgpuError(f"KV block of {block_size} x {width} f16 values is not a whole "
                             "number of 4-byte words; use an even block size")
-        pool_bytes = num_blocks * block_bytes
-        if pool_bytes > self.max_binding:
+        # A layer's K (and V) pool is one buffer per part of at most one storage binding;
+        # the KV kernels bind every part (paged attention: 6 other buffers + K and V parts).
+        self.blocks_per_part = self.max_binding // block_bytes
+        if self.blocks_per_part < 1:
+            raise WgpuError(f"one KV block of {block_bytes} bytes exceeds the adapter's storage "
+                            f"binding limit of {self.max_binding} bytes; use a smaller block size")
+        self.kv_parts = -(-num_blocks // self.blocks_per_part)
+        max_parts = (self.dev.max_storage_buffers - 6) // 2
+        if self.kv_parts > max_parts:
             raise WgpuError(
-                f"KV pool of {pool_bytes} bytes per layer exceeds the adapter's storage "
-                f"binding limit of {self.max_binding} bytes; ask for less KV memory")
+                f"KV pool of {num_blocks * block_bytes} bytes per layer needs {self.kv_parts} "
+                f"storage bindings of at most {self.max_binding} bytes; the adapter allows "
+                f"{max_parts}; ask for less KV memory")
         self.ops = WgpuOps(self)
         self.params = self.model.load_params(model, WgpuLoader(self, model))
         usage = BUF.STORAGE | BUF.COPY_SRC | BUF.COPY_DST
-        size = max(16, -(-pool_bytes // 16) * 16)
+        sizes = [max(16, -(-min(self.blocks_per_part, num_blocks - first) * block_bytes // 16)
+                     * 16) for first in range(0, num_blocks, self.blocks_per_part)]
         # New buffers are zero-filled by WebGPU: no first-touch cost later.
-        self.k_pools = [self.dev.device.create_buffer(size=size, usage=usage)
+        self.k_pools = [[self.dev.device.create_buffer(size=n, usage=usage) for n in sizes]
                         for _ in range(c.num_hidden_layers)]
-        self.v_pools = [self.dev.device.create_buffer(size=size, usage=usage)
+        self.v_pools = [[self.dev.device.create_buffer(size=n, usage=usage) for n in sizes]
                         for _ in range(c.num_hidden_layers)]
         self._block_bytes = block_bytes
         self.ops.flush()
+
+    def pool_code(self, first_binding: int, write: bool) -> str:
+        """WGSL of the KV pool parts: K parts then V parts from ``first_binding``, and
+        ``kload``/``vload(part, i) -> f32`` (reads) or ``kstore``/``vstore(part, i, x)``."""
+        n, kt = self.kv_parts, self.kv_type
+        access = "read_write" if write else "read"
+        lines = [f"@group(0) @binding({first_binding + kv * n + i}) var<storage, {access}> "
+                 f"{name}_pool{i}: array<{kt}>;"
+                 for kv, name in enumerate("kv") for i in range(n)]
+        for name in "kv":
+            if write:
+                body = [f"{name}_pool{i}[i] = x;" for i in range(n)]
+                head, tail = f"fn {name}store(part: u32, i: u32, x: {kt}) {{", "}"
+            else:
+                body = [f"r = f32({name}_pool{i}[i]);" for i in range(n)]
+                head, tail = f"fn {name}load(part: u32, i: u32) -> f32 {{ var r: f32;", "return r; }"
+            if n == 1:
+                lines.append(f"{head} {body[0]} {tail}")
+            else:
+                cases = " ".join(f"case {i}u: {{ {b} }}" for i, b in enumerate(body[:-1]))
+                lines.append(f"{head} switch part {{ {cases} default: {{ {body[-1]} }} }} {tail}")
+        return "\n".join(lines)
 
     def subst(self, wtype: str, vec: int = 1) -> dict[str, str]:
         """Template values for a kernel reading elements of ``wtype`` in vectors of ``vec``."""
@@ -849,14 +886,16 @@ class WgpuBackend(Backend):
 
     @classmethod
     def max_kv_blocks(cls, config: ModelConfig, block_size: int) -> int | None:
-        """Blocks whose per-layer K (or V) buffer fits one storage binding of the adapter."""
+        """Blocks whose per-layer K (or V) pool fits the storage bindings the KV kernels can
+        take on the adapter (6 other buffers, then the K and V parts)."""
         try:
-            adapter = choose_adapter()
-            limit = int(adapter.limits["max-storage-buffer-binding-size"])
+            limits = choose_adapter().limits
         except BackendUnavailableError:
             return None
         per_token = cls.kv_bytes_per_token(config) // (2 * config.num_hidden_layers)
-        return max(1, limit // (per_token * block_size))
+        per_part = int(limits["max-storage-buffer-binding-size"]) // (per_token * block_size)
+        parts = (int(limits["max-storage-buffers-per-shader-stage"]) - 6) // 2
+        return max(1, per_part * parts)
 
     def forward(self, batch: BatchInput) -> np.ndarray:
         return self.model.forward(self.ops, self.params, batch)
@@ -869,15 +908,17 @@ class WgpuBackend(Backend):
         return ops.result
 
     # -- KV blocks ---------------------------------------------------------------------------
-    def _runs(self, ids: list[int]) -> list[tuple[int, int, int]]:
-        """(position in ids, first block, count) of runs of consecutive block ids."""
+    def _runs(self, ids: list[int]) -> list[tuple[int, int, int, int]]:
+        """(position in ids, pool part, first block within the part, count) of runs of
+        consecutive block ids that lie in one part."""
         runs = []
         for i, b in enumerate(ids):
-            if runs and runs[-1][1] + runs[-1][2] == b:
-                p, first, n = runs[-1]
-                runs[-1] = (p, first, n + 1)
+            part, local = divmod(b, self.blocks_per_part)
+            if runs and runs[-1][1] == part and runs[-1][2] + runs[-1][3] == local:
+                p, _, first, n = runs[-1]
+                runs[-1] = (p, part, first, n + 1)
             else:
-                runs.append((i, b, 1))
+                runs.append((i, part, local, 1))
         return runs
 
     def _check_ids(self, ids) -> list[int]:
@@ -896,11 +937,12 @@ class WgpuBackend(Backend):
         # A buffer cannot be copied into itself: go through a scratch buffer.
         scratch = self.dev.take(bb * len(pairs), BUF.COPY_SRC | BUF.COPY_DST)
         enc = self.ops._commands()
-        for pool in (*self.k_pools, *self.v_pools):
+        per = self.blocks_per_part
+        for parts in (*self.k_pools, *self.v_pools):
             for i, s in enumerate(src):
-                enc.copy_buffer_to_buffer(pool, s * bb, scratch, i * bb, bb)
+                enc.copy_buffer_to_buffer(parts[s // per], s % per * bb, scratch, i * bb, bb)
             for i, d in enumerate(dst):
-                enc.copy_buffer_to_buffer(scratch, i * bb, pool, d * bb, bb)
+                enc.copy_buffer_to_buffer(scratch, i * bb, parts[d // per], d % per * bb, bb)
         self.ops.flush()
         self.dev.give(scratch)
 
@@ -915,10 +957,10 @@ class WgpuBackend(Backend):
         stage = self.dev.take(total, BUF.STORAGE | BUF.COPY_SRC | BUF.COPY_DST)
         enc = self.ops._commands()
         for layer in range(layers):
-            for kv, pool in enumerate((self.k_pools[layer], self.v_pools[layer])):
+            for kv, parts in enumerate((self.k_pools[layer], self.v_pools[layer])):
                 base = (layer * 2 + kv) * n * bb
-                for pos, first, count in self._runs(ids):
-                    enc.copy_buffer_to_buffer(pool, first * bb, stage, base + pos * bb,
+                for pos, part, first, count in self._runs(ids):
+                    enc.copy_buffer_to_buffer(parts[part], first * bb, stage, base + pos * bb,
                                               count * bb)
         [raw] = self.ops.flush([(stage, total)])
         self.dev.give(stage)
@@ -935,16 +977,17 @@ class WgpuBackend(Backend):
         data = data.reshape(self.config.num_hidden_layers, 2, n, -1)
         bb = self._block_bytes
         for layer in range(self.config.num_hidden_layers):
-            for kv, pool in enumerate((self.k_pools[layer], self.v_pools[layer])):
-                for pos, first, count in self._runs(ids):
+            for kv, parts in enumerate((self.k_pools[layer], self.v_pools[layer])):
+                for pos, part, first, count in self._runs(ids):
                     chunk = np.ascontiguousarray(data[layer, kv, pos:pos + count])
-                    self.dev.queue.write_buffer(pool, first * bb, chunk)
+                    self.dev.queue.write_buffer(parts[part], first * bb, chunk)
         self.ops.flush()
 
     def close(self) -> None:
         self.ops.flush()
-        for buf in (*self.k_pools, *self.v_pools):
-            buf.destroy()
+        for parts in (*self.k_pools, *self.v_pools):
+            for buf in parts:
+                buf.destroy()
         self.k_pools, self.v_pools = [], []
         self.params = None
 

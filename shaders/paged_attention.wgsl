@@ -3,28 +3,30 @@
 // reads K/V through the sequence's block table, and runs an online softmax over chunks of WG
 // keys for the G query heads that share the KV head (GQA: each key is loaded once for all G).
 // The query at position p sees keys 0..min(p, seq_len - 1).
-// Template: $ENABLE, $KT (pool element type), $G, $HD (head_dim), $DPT (= ceil(HD / WG)).
+// The pools are kept in parts of bpp blocks, one storage binding each (template value POOLS:
+// the parts and kload/vload(part, i)).
+// Template: $ENABLE, $KT (pool element type), $G, $HD (head_dim), $DPT (= ceil(HD / WG)), POOLS.
 $ENABLE
 const WG: u32 = 64u;
 const G: u32 = $G;
 const HD: u32 = $HD;
 const DPT: u32 = $DPT;
 
-struct P { kvh: u32, bs: u32, max_blocks: u32, num_seqs: u32, scale: f32, _a: u32, _b: u32, _c: u32 }
+struct P { kvh: u32, bs: u32, max_blocks: u32, num_seqs: u32, scale: f32, bpp: u32, _b: u32, _c: u32 }
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k_pool: array<$KT>;
-@group(0) @binding(3) var<storage, read> v_pool: array<$KT>;
-@group(0) @binding(4) var<storage, read> tables: array<i32>;
-@group(0) @binding(5) var<storage, read> seq_lens: array<i32>;
-@group(0) @binding(6) var<storage, read> qsl: array<i32>;
-@group(0) @binding(7) var<storage, read> positions: array<i32>;
-@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> tables: array<i32>;
+@group(0) @binding(3) var<storage, read> seq_lens: array<i32>;
+@group(0) @binding(4) var<storage, read> qsl: array<i32>;
+@group(0) @binding(5) var<storage, read> positions: array<i32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+$POOLS
 
 var<workgroup> qs: array<f32, G * HD>;
 var<workgroup> sc: array<f32, G * WG>;
 var<workgroup> slot_s: array<u32, WG>;
+var<workgroup> part_s: array<u32, WG>;
 var<workgroup> m_s: array<f32, G>;
 var<workgroup> corr_s: array<f32, G>;
 var<workgroup> l_s: array<f32, G>;
@@ -54,12 +56,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var c0 = 0u; c0 < n_keys; c0 += WG) {
         let j = c0 + lid;
         if (j < n_keys) {
-            let slot = u32(tables[table + j / p.bs]) * p.bs + j % p.bs;
+            let block = u32(tables[table + j / p.bs]);
+            let part = block / p.bpp;
+            let slot = (block - part * p.bpp) * p.bs + j % p.bs;  // within the part
             slot_s[lid] = slot;
+            part_s[lid] = part;
             let kb = (slot * p.kvh + h) * HD;
             for (var g = 0u; g < G; g++) {
                 var d = 0.0;
-                for (var i = 0u; i < HD; i++) { d += qs[g * HD + i] * f32(k_pool[kb + i]); }
+                for (var i = 0u; i < HD; i++) { d += qs[g * HD + i] * kload(part, kb + i); }
                 sc[g * WG + lid] = d * p.scale;
             }
         } else {
@@ -91,7 +96,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 if (d < HD) {
                     var a = acc[g * DPT + kk] * corr_s[g];
                     for (var i = 0u; i < n; i++) {
-                        a += sc[g * WG + i] * f32(v_pool[(slot_s[i] * p.kvh + h) * HD + d]);
+                        a += sc[g * WG + i] * vload(part_s[i], (slot_s[i] * p.kvh + h) * HD + d);
                     }
                     acc[g * DPT + kk] = a;
                 }

@@ -119,17 +119,57 @@ def test_dtype_choices(model_dir, monkeypatch):
         NumpyBackend.kv_bytes_per_token(model_dir.config, 2 if HAS_F16 else 4)
 
 
-def test_kv_pool_over_the_binding_limit_is_a_clear_error(model_dir):
-    with pytest.raises(OndeviceError, match="binding limit"):
+def test_kv_pool_over_the_binding_limits_is_a_clear_error(model_dir):
+    # 2 KiB blocks in parts of 4 KiB: 32 parts, more than the adapter's bindings allow.
+    with pytest.raises(OndeviceError, match="needs 32 storage bindings"):
         WgpuBackend(model_dir, num_blocks=64, block_size=16, max_binding=4096, **F32)
+    with pytest.raises(OndeviceError, match="one KV block of 4096 bytes exceeds"):
+        WgpuBackend(model_dir, num_blocks=4, block_size=32, max_binding=2048, **F32)
 
 
-def test_default_kv_pool_is_clamped_to_one_binding(tiny_model_dir, monkeypatch):
+def test_kv_pool_split_over_bindings_gives_the_same_results(model_dir):
+    """A pool of 12 blocks in parts of 4 (one storage binding each): block tables that jump
+    between parts, writes, attention, copy-on-write and block I/O across parts."""
+    cfg = model_dir.config
+    block_bytes = 8 * cfg.num_key_value_heads * cfg.head_dim * 4
+    be = WgpuBackend(model_dir, num_blocks=12, block_size=8, max_binding=4 * block_bytes, **F32)
+    assert (be.kv_parts, be.blocks_per_part) == (3, 4)
+    ref = NumpyBackend(model_dir, num_blocks=12, block_size=8)
+    rng = np.random.default_rng(8)
+    tables = [[11, 2, 5], [7, 0]]
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (20, 9)]
+    batch = BatchInput.build([(p, 0, t) for p, t in zip(prompts, tables, strict=True)], 8)
+    got, want = be.forward(batch), ref.forward(batch)
+    assert nmse(got, want) <= 1e-7
+    step = BatchInput.build([([int(w.argmax())], len(p), t)
+                             for w, p, t in zip(want, prompts, tables, strict=True)], 8)
+    assert nmse(be.forward(step), ref.forward(step)) <= 1e-7
+    pairs = [(11, 4), (2, 9), (7, 3)]
+    be.copy_blocks(pairs)
+    ref.copy_blocks(pairs)
+    every = list(range(12))
+    np.testing.assert_allclose(be.read_blocks(every), ref.read_blocks(every), rtol=0, atol=2e-5)
+    data = be.read_blocks([3, 4, 5, 6])
+    be.write_blocks([8, 9, 10, 1], data)
+    np.testing.assert_array_equal(be.read_blocks([8, 9, 10, 1]), data)
+    # The engine over the split pool (preempting when 12 blocks run out) = NumPy's.
+    prompts = mixed_prompts(cfg.vocab_size, count=4, lengths=(5, 30), seed=6)
+    reqs = [(p, GREEDY) for p in prompts]
+    split = Engine(WgpuBackend(model_dir, num_blocks=12, block_size=8,
+                               max_binding=4 * block_bytes, **F32), None,
+                   context_length=cfg.context_length, model_id="tiny")
+    numpy = Engine(NumpyBackend(model_dir, num_blocks=12, block_size=8), None,
+                   context_length=cfg.context_length, model_id="tiny")
+    assert run_all(split, reqs) == run_all(numpy, reqs)
+
+
+def test_default_kv_pool_is_clamped_to_the_bindings(tiny_model_dir, monkeypatch):
     cfg = ModelDir(tiny_model_dir).config
     cap = WgpuBackend.max_kv_blocks(cfg, 16)
-    limit = wgpu_backend.choose_adapter().limits["max-storage-buffer-binding-size"]
+    limits = wgpu_backend.choose_adapter().limits
     per_block = WgpuBackend.kv_bytes_per_token(cfg) // (2 * cfg.num_hidden_layers) * 16
-    assert cap * per_block <= limit < (cap + 1) * per_block
+    parts = (limits["max-storage-buffers-per-shader-stage"] - 6) // 2
+    assert cap == limits["max-storage-buffer-binding-size"] // per_block * parts
     # A default-sized pool larger than the cap is clamped; an explicit one is the user's call.
     monkeypatch.setattr(WgpuBackend, "max_kv_blocks", classmethod(lambda cls, c, bs: 10))
     model = ondevice.load(tiny_model_dir, backend="wgpu")
