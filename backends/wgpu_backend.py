@@ -176,6 +176,12 @@ def _bucket(nbytes: int) -> int:
     return max(256, 1 << (max(nbytes, 1) - 1).bit_length())
 
 
+def max_kv_parts(max_storage_buffers: int) -> int:
+    """Parts a layer's K (and V) pool may have: paged attention binds 6 other buffers, then
+    every K part and every V part."""
+    return (max_storage_buffers - 6) // 2
+
+
 class Device:
     """A wgpu device with the caches every backend on it shares (pipelines, parameters)."""
 
@@ -671,7 +677,7 @@ class WgpuOps:
             return
         be = self.be
         n = k.rows * k.cols
-        subst = be.subst(be.kv_type) | {"POOLS": be.pool_code(4, write=True)}
+        subst = be.subst(be.kv_type) | {"POOLS": be.kv_write_pools}
         self._dispatch("kv_write", subst, None,
                        (k.rows, k.cols, be.block_size, be.blocks_per_part),
                        [k.buf, v.buf, self._ints(slot_mapping), *be.k_pools[layer],
@@ -688,7 +694,7 @@ class WgpuOps:
         g = heads // kv_heads
         be = self.be
         subst = be.subst(be.kv_type) | {"G": g, "HD": head_dim, "DPT": -(-head_dim // 64),
-                                        "POOLS": be.pool_code(7, write=False)}
+                                        "POOLS": be.attention_pools}
         params = (kv_heads, be.block_size, batch.block_tables.shape[1], batch.num_seqs,
                   float(scale), be.blocks_per_part)
         self._dispatch("paged_attention", subst, None, params,
@@ -803,13 +809,13 @@ class WgpuBackend(Backend):
             raise WgpuError(f"KV block of {block_size} x {width} f16 values is not a whole "
                             "number of 4-byte words; use an even block size")
         # A layer's K (and V) pool is one buffer per part of at most one storage binding;
-        # the KV kernels bind every part (paged attention: 6 other buffers + K and V parts).
+        # the KV kernels bind every part.
         self.blocks_per_part = self.max_binding // block_bytes
         if self.blocks_per_part < 1:
             raise WgpuError(f"one KV block of {block_bytes} bytes exceeds the adapter's storage "
                             f"binding limit of {self.max_binding} bytes; use a smaller block size")
         self.kv_parts = -(-num_blocks // self.blocks_per_part)
-        max_parts = (self.dev.max_storage_buffers - 6) // 2
+        max_parts = max_kv_parts(self.dev.max_storage_buffers)
         if self.kv_parts > max_parts:
             raise WgpuError(
                 f"KV pool of {num_blocks * block_bytes} bytes per layer needs {self.kv_parts} "
@@ -826,6 +832,10 @@ class WgpuBackend(Backend):
         self.v_pools = [[self.dev.device.create_buffer(size=n, usage=usage) for n in sizes]
                         for _ in range(c.num_hidden_layers)]
         self._block_bytes = block_bytes
+        # The pool parts' WGSL, fixed for this backend (after kv_write's 3 inputs, after
+        # paged attention's 6 other buffers).
+        self.kv_write_pools = self.pool_code(4, write=True)
+        self.attention_pools = self.pool_code(7, write=False)
         self.ops.flush()
 
     def pool_code(self, first_binding: int, write: bool) -> str:
@@ -887,14 +897,14 @@ class WgpuBackend(Backend):
     @classmethod
     def max_kv_blocks(cls, config: ModelConfig, block_size: int) -> int | None:
         """Blocks whose per-layer K (or V) pool fits the storage bindings the KV kernels can
-        take on the adapter (6 other buffers, then the K and V parts)."""
+        take on the adapter."""
         try:
             limits = choose_adapter().limits
         except BackendUnavailableError:
             return None
         per_token = cls.kv_bytes_per_token(config) // (2 * config.num_hidden_layers)
         per_part = int(limits["max-storage-buffer-binding-size"]) // (per_token * block_size)
-        parts = (int(limits["max-storage-buffers-per-shader-stage"]) - 6) // 2
+        parts = max_kv_parts(int(limits["max-storage-buffers-per-shader-stage"]))
         return max(1, per_part * parts)
 
     def forward(self, batch: BatchInput) -> np.ndarray:
