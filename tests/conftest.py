@@ -23,7 +23,7 @@ def _isolated_home(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path_factory.getbasetemp() / "home"))
 
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "smollm2_135m_greedy.json"
+GOLDEN = Path(__file__).resolve().parent / "data" / "smollm2_135m_greedy.json"
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ from ondevice.models.llama import rope_inv_freq, weight_specs
 from ondevice.quant import dequantize
 from ondevice.weights import SafetensorsFile
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "smollm2_135m_greedy.json"
+GOLDEN = Path(__file__).resolve().parent / "data" / "smollm2_135m_greedy.json"
 
 
 def _real_gguf() -> Path | None:
