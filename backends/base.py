@@ -8,6 +8,7 @@ back. The NumPy backend is the living definition of every op.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -17,6 +18,9 @@ from ..config import ModelConfig
 from ..errors import OndeviceError
 from ..modeldir import ModelDir
 from ..models import model_for
+from ..settings import BackendOptions, NumpyOptions
+
+F32 = np.float32
 
 
 class Ops(Protocol):
@@ -46,33 +50,88 @@ class Loader(Protocol):
     def tied_lm_head(self, embed: Any, w: Any) -> Any: ...
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers beyond the required contract; the engine, bench, policy and tests
+    ask these, never ``hasattr``.
+
+    device_topk: :meth:`Backend.forward_topk` returns the top-k ids/values computed on the
+        device, so greedy steps read back one id per row instead of the whole logits row.
+    packed_bits: bit widths whose quantized weights stay packed in memory (the others are
+        expanded to the compute dtype at load). The policy sizes memory from it.
+    kv_itemsize: bytes per stored KV element (4 float32, 2 float16) unless the backend's
+        :meth:`Backend.kv_bytes_per_token` says otherwise for its options.
+    """
+
+    device_topk: bool = False
+    packed_bits: frozenset[int] = frozenset()
+    kv_itemsize: int = 4
+
+
 class Backend(ABC):
-    """A model loaded on one device with its paged KV pool."""
+    """A model loaded on one device with its paged KV pool.
+
+    Beyond the abstract methods, every backend exposes ``ops`` (its :class:`Ops`), ``params``
+    (the loaded weight handles) and ``dtype_name`` (its compute dtype): the op conformance
+    harness drives them directly, moving arrays with :meth:`to_device` / :meth:`to_host`.
+    """
 
     name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    options_class: ClassVar[type[BackendOptions]] = NumpyOptions
+    dtype_name: str = "float32"
+    ops: Any
+    params: Any
 
-    def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16):
+    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
+                 options: BackendOptions | None = None):
         if num_blocks <= 0 or block_size <= 0:
             raise OndeviceError(f"invalid KV pool: {num_blocks} blocks of {block_size} tokens")
-        self.config: ModelConfig = model.config
+        if options is None:
+            options = self.options_class.from_env()
+        elif not isinstance(options, self.options_class):
+            raise OndeviceError(f"backend {self.name!r} takes {self.options_class.__name__}, "
+                                f"not {type(options).__name__}")
+        self.options = options
+        self.config: ModelConfig = model_dir.config
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.model = model_for(model.config)(model.config)
+        self.model = model_for(model_dir.config)(model_dir.config)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         """(usable here, device description or the reason it is not)."""
         return True, "cpu"
 
-    @staticmethod
-    def kv_bytes_per_token(config: ModelConfig, itemsize: int = 4) -> int:
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+    def describe(self) -> dict[str, Any]:
+        """What this loaded backend runs on: device, compute dtype, weight storage."""
+        return {"backend": self.name, "device": self.availability()[1], "dtype": self.dtype_name}
 
     @classmethod
-    def max_kv_blocks(cls, config: ModelConfig, block_size: int) -> int | None:
+    def kv_bytes_per_token(cls, config: ModelConfig, options: BackendOptions | None = None) -> int:
+        """Bytes of K and V one token occupies in this backend's pool."""
+        return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                * cls.capabilities.kv_itemsize)
+
+    @classmethod
+    def max_kv_blocks(cls, config: ModelConfig, block_size: int,
+                      options: BackendOptions | None = None) -> int | None:
         """The largest KV pool (in blocks) this backend can hold here; None: no limit beyond
         memory. A default-sized pool is clamped to it."""
         return None
+
+    def forward_topk(self, batch: BatchInput, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (ids int32, logits float32), each ``[R, k]``, computed on the device.
+        Only backends whose ``capabilities.device_topk`` is true implement it."""
+        raise NotImplementedError(f"backend {self.name!r} has no device top-k")
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """A host float32 array as this backend's activation type."""
+        return array
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """An activation back as a host NumPy array."""
+        return np.asarray(x)
 
     @abstractmethod
     def forward(self, batch: BatchInput) -> np.ndarray:
@@ -98,3 +157,76 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027  (optional hook: most backends free on GC)
         """Release device memory."""
+
+
+# -- helpers every backend shares --------------------------------------------------------------
+RELEASE_EVERY = 64 << 20  # bytes copied between drops of the checkpoint's mapped pages
+
+
+class PageRelease:
+    """Counts bytes copied out of a memory-mapped checkpoint during load and drops the file's
+    mapped pages every ``every`` bytes, so that the mapping and the backend's copy never add up
+    in the process's resident memory."""
+
+    def __init__(self, model_dir: ModelDir, every: int = RELEASE_EVERY):
+        self.model_dir = model_dir
+        self.every = every
+        self._copied = 0
+
+    def copied(self, nbytes: int) -> None:
+        self._copied += int(nbytes)
+        if self._copied >= self.every:
+            self.model_dir.weights.release_pages()
+            self._copied = 0
+
+
+class RopeTables:
+    """cos/sin ``[T, head_dim / 2]`` (float32) for one step's positions and one RoPE base.
+
+    Computed from the step's positions, not tabulated over the whole context: memory stays
+    proportional to the step whatever context length a config claims. The last few results
+    are kept, since every layer of a step asks for the same positions.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._cache: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = (np.asarray(positions).tobytes(), id(inv_freq))
+        hit = self._cache.get(key)
+        if hit is None:
+            angles = np.asarray(positions, dtype=F32)[:, None] * np.asarray(inv_freq, F32)[None, :]
+            hit = (np.cos(angles), np.sin(angles))
+            if len(self._cache) >= self.keep:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = hit
+        return hit
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Per-step attention metadata, built once per batch (vLLM builds its attention metadata
+    the same way) and shared by every layer: which rows each sequence owns, its context
+    length and its blocks."""
+
+    starts: np.ndarray  # int64 [S]: first query row of each sequence
+    ends: np.ndarray  # int64 [S]: one past its last query row
+    lens: np.ndarray  # int64 [S]: context length including this step's tokens
+    num_blocks: np.ndarray  # int64 [S]: blocks holding that context
+    decode_only: bool  # every sequence has exactly one query row
+
+    @classmethod
+    def build(cls, batch: BatchInput, block_size: int) -> AttentionPlan:
+        qsl = batch.query_start_loc.astype(np.int64)
+        lens = batch.seq_lens.astype(np.int64)
+        starts, ends = qsl[:-1], qsl[1:]
+        return cls(starts, ends, lens, -(-lens // block_size),
+                   bool(np.all(ends - starts == 1)))
+
+    def sequences(self):
+        """``(s, start, end, length, n_blocks)`` for each sequence with rows in this step."""
+        for s in range(len(self.lens)):
+            start, end = int(self.starts[s]), int(self.ends[s])
+            if end > start:
+                yield s, start, end, int(self.lens[s]), int(self.num_blocks[s])

@@ -14,7 +14,7 @@ sequence's keys and values through its block table and runs
 ``mx.fast.scaled_dot_product_attention``: decode rows of all sequences as one padded batch,
 each prefill chunk on its own with a causal mask.
 
-On the CPU device (Linux ``mlx[cpu]``, or ``ONDEVICE_MLX_DEVICE=cpu`` on a Mac) every MLX op
+On the CPU device (Linux ``mlx[cpu]``, or ``device="cpu"`` on a Mac) every MLX op
 runs on one thread per stream, and Linux builds do their matrix products with the reference
 BLAS they ship (measured on the 2-core test machine against NumPy's OpenBLAS: 7-15x slower
 for a matrix-vector product, 30-60x for 512 rows). So the CPU path spreads
@@ -25,15 +25,14 @@ quantized kernel costs the same per row at any batch size, twice the dense produ
 applies RoPE from cos/sin tables. That kernel is scalar code (about 0.3 G weights/s per core
 here, against 3 G/s for the dense product), so on the CPU a quantized checkpoint is expanded
 once at load into dense matrices in the compute dtype when the expanded model fits in a
-quarter of the memory available (``ONDEVICE_MLX_QUANTIZED``: ``auto`` as described, ``expand``
+quarter of the memory available (option ``quantized``: ``auto`` as described, ``expand``
 always, ``keep`` never): decode then runs at the dense model's speed, at the dense model's
 memory. On the GPU the quantized matrices are always kept and ``mx.quantized_matmul`` used. The GPU path is plain MLX: whole matrices,
 ``mx.fast.rope``, and elementwise kernels fused with ``mx.compile``.
 
 Device and dtype: Metal when present, else the CPU; float32 on the CPU, float16 on the GPU.
-``ONDEVICE_MLX_DEVICE`` (``cpu`` | ``gpu``), ``ONDEVICE_MLX_DTYPE`` (``float32`` | ``float16``
-| ``bfloat16``), ``ONDEVICE_MLX_THREADS`` and ``ONDEVICE_MLX_QUANTIZED`` override them, as do
-the constructor's keywords.
+:class:`ondevice.settings.MlxOptions` (``device``, ``dtype``, ``threads``, ``quantized``;
+defaults from the environment) overrides them.
 
 Like the NumPy backend it exposes ``ops`` and ``params`` (tests/test_conformance.py runs each
 op on them), plus ``ops.from_host`` / ``ops.to_host`` to move NumPy arrays in and out.
@@ -51,15 +50,15 @@ import numpy as np
 
 from ..batch import BatchInput
 from ..config import ModelConfig
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, RequestError
 from ..memory import available_memory_bytes
 from ..modeldir import ModelDir, QuantizedTensor
 from ..models import weight_specs
 from ..quant import dequantize
-from .base import Backend
+from ..settings import MlxOptions
+from .base import Backend, Capabilities, PageRelease, RopeTables
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-RELEASE_EVERY = 64 << 20  # bytes copied between drops of the checkpoint's mapped pages
 # Rows from which the CPU path dequantizes a quantized matrix per step and uses the dense
 # product: per row, MLX's CPU quantized kernel costs about twice the dense product, and the
 # dequantization (once per matrix and step) costs about as much as 4-8 rows (measured).
@@ -91,26 +90,23 @@ def _cpu_threads() -> int:
     return max(1, min(n, MAX_THREADS))
 
 
-def default_device() -> str:
-    """``"gpu"`` when MLX has Metal, else ``"cpu"``; ``ONDEVICE_MLX_DEVICE`` overrides it."""
-    forced = os.environ.get("ONDEVICE_MLX_DEVICE", "").strip().lower()
+def default_device(forced: str | None = None) -> str:
+    """``"gpu"`` when MLX has Metal, else ``"cpu"``; ``forced`` (the ``device`` option)
+    overrides it."""
     if forced:
+        forced = forced.strip().lower()
         if forced not in ("cpu", "gpu"):
-            raise BackendUnavailableError(
-                f"ONDEVICE_MLX_DEVICE={forced!r}: choose 'cpu' or 'gpu'"
-            )
+            raise BackendUnavailableError(f"MLX device {forced!r}: choose 'cpu' or 'gpu'")
         return forced
     return "gpu" if _metal() else "cpu"
 
 
-def default_dtype(device: str) -> str:
-    """float32 on the CPU, float16 on the GPU; ``ONDEVICE_MLX_DTYPE`` overrides it."""
-    forced = os.environ.get("ONDEVICE_MLX_DTYPE", "").strip().lower()
+def default_dtype(device: str, forced: str | None = None) -> str:
+    """float32 on the CPU, float16 on the GPU; ``forced`` (the ``dtype`` option) overrides it."""
     if forced:
+        forced = forced.strip().lower()
         if forced not in DTYPES:
-            raise BackendUnavailableError(
-                f"ONDEVICE_MLX_DTYPE={forced!r}: choose {', '.join(DTYPES)}"
-            )
+            raise BackendUnavailableError(f"MLX dtype {forced!r}: choose {', '.join(DTYPES)}")
         return forced
     return "float16" if device == "gpu" else "float32"
 
@@ -174,12 +170,12 @@ class MlxLoader:
     def __init__(self, model: ModelDir, dtype: mx.Dtype, cpu: bool, threads: int,
                  expand: bool = False):
         self.model = model
+        self.release = PageRelease(model)
         self.expand = expand  # quantized matrices become dense ones (CPU only)
         self.dtype = dtype
         self.np_dtype = {mx.float32: np.float32, mx.float16: np.float16}.get(dtype)
         self.cpu = cpu
         self.threads = threads
-        self._copied = 0
         self._turn = 0  # alternates unsplit matrices between streams
 
     def _array(self, a: np.ndarray) -> mx.array:
@@ -192,10 +188,7 @@ class MlxLoader:
         else:
             out = mx.array(np.asarray(a, dtype=self.np_dtype))
         mx.eval(out)
-        self._copied += out.nbytes
-        if self._copied >= RELEASE_EVERY:
-            self.model.weights.release_pages()
-            self._copied = 0
+        self.release.copied(out.nbytes)
         return out
 
     def _layout(self, out_features: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -287,7 +280,7 @@ class MlxOps:
         # mx.compile'd elementwise kernels (see _silu_mul_fused).
         self.fast_rope = not self.cpu
         self.fuse = not self.cpu
-        self._tables: dict[bytes, tuple[mx.array, mx.array]] = {}  # rope cos/sin (CPU)
+        self.rope_tables = RopeTables()
         self._dirty: set[int] = set()
         self._step: dict[int, tuple[Any, Any]] | None = None  # per-forward conversions
 
@@ -384,20 +377,11 @@ class MlxOps:
         return (x * cos + rotated * sin).reshape(t, heads * head_dim)
 
     def _cos_sin(self, positions: np.ndarray, inv_freq: np.ndarray) -> tuple[mx.array, mx.array]:
-        """``[T, 1, head_dim]`` cos and sign-folded sin (``-sin`` on the first half)."""
-        inv = np.asarray(inv_freq, dtype=np.float32)
-        need = int(np.max(positions, initial=0)) + 1
-        table = self._tables.get(inv.tobytes())
-        if table is None or table[0].shape[0] < need:
-            size = max(need, 2048) if table is None else max(need, 2 * table[0].shape[0])
-            angles = np.arange(size, dtype=np.float32)[:, None] * inv[None, :]
-            cos, sin = np.cos(angles), np.sin(angles)
-            table = (mx.array(np.concatenate([cos, cos], axis=1)).astype(self.dtype),
-                     mx.array(np.concatenate([-sin, sin], axis=1)).astype(self.dtype))
-            self._tables[inv.tobytes()] = table
-        pos = self._ints(positions)
-        return (mx.take(table[0], pos, axis=0)[:, None, :],
-                mx.take(table[1], pos, axis=0)[:, None, :])
+        """``[T, 1, head_dim]`` cos and sign-folded sin (``-sin`` on the first half), from the
+        shared per-step tables (the same float32 numbers as the NumPy reference's)."""
+        cos, sin = self.rope_tables(positions, inv_freq)
+        return (mx.array(np.concatenate([cos, cos], axis=1)).astype(self.dtype)[:, None, :],
+                mx.array(np.concatenate([-sin, sin], axis=1)).astype(self.dtype)[:, None, :])
 
     def _freqs(self, inv_freq: np.ndarray) -> mx.array:
         return self._cached(inv_freq, lambda: mx.array(
@@ -571,7 +555,7 @@ def _expand_quantized(mode: str, config: ModelConfig, itemsize: int) -> bool:
     mode = mode.strip().lower() or "auto"
     if mode not in QUANTIZED_MODES:
         raise BackendUnavailableError(
-            f"ONDEVICE_MLX_QUANTIZED={mode!r}: choose {', '.join(QUANTIZED_MODES)}")
+            f"MLX quantized={mode!r}: choose {', '.join(QUANTIZED_MODES)}")
     if mode != "auto":
         return mode == "expand"
     dense = sum(int(np.prod(spec.shape)) for spec in weight_specs(config).values()
@@ -584,31 +568,26 @@ class MlxBackend(Backend):
     """The model on MLX: Metal GPU when present, else MLX's CPU device."""
 
     name = "mlx"
+    options_class = MlxOptions
+    # Packed where MLX's quantized matmul takes them (on the CPU device a load may expand them
+    # instead; see the module's docstring and ``describe()``).
+    capabilities = Capabilities(packed_bits=frozenset({2, 3, 4, 5, 6, 8}))
 
-    def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 device: str | None = None, dtype: str | None = None,
-                 threads: int | None = None, quantized: str | None = None):
-        super().__init__(model, num_blocks=num_blocks, block_size=block_size)
-        self.device_name = device or default_device()
-        if self.device_name not in ("cpu", "gpu"):
-            raise BackendUnavailableError(f"MLX device {self.device_name!r}: choose cpu or gpu")
+    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
+                 options: MlxOptions | None = None):
+        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options)
+        opts: MlxOptions = self.options
+        self.device_name = default_device(opts.device)
         self.device = mx.Device(mx.cpu if self.device_name == "cpu" else mx.gpu)
         if not mx.is_available(self.device):
             raise BackendUnavailableError(f"MLX has no {self.device_name} device here")
-        self.dtype_name = dtype or default_dtype(self.device_name)
-        if self.dtype_name not in DTYPES:
-            raise BackendUnavailableError(
-                f"MLX dtype {self.dtype_name!r}: choose {', '.join(DTYPES)}"
-            )
+        self.dtype_name = default_dtype(self.device_name, opts.dtype)
         self.dtype = DTYPES[self.dtype_name]
         cpu = self.device_name == "cpu"
-        if threads is None:
-            env = os.environ.get("ONDEVICE_MLX_THREADS", "").strip()
-            threads = int(env) if env.isdigit() and int(env) > 0 else _cpu_threads()
-        self.threads = threads if cpu else 1
-        self.expanded = cpu and model.is_quantized and _expand_quantized(
-            quantized or os.environ.get("ONDEVICE_MLX_QUANTIZED", ""), self.config,
-            self.dtype.size)
+        self.threads = (opts.threads or _cpu_threads()) if cpu else 1
+        self.expanded = cpu and model_dir.is_quantized and _expand_quantized(
+            opts.quantized or "", self.config, self.dtype.size)
+        model = model_dir
         c = self.config
         with mx.stream(self.device):
             self.params = self.model.load_params(
@@ -624,12 +603,12 @@ class MlxBackend(Backend):
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         try:
-            device = default_device()
-        except BackendUnavailableError as err:
+            device = default_device(MlxOptions.from_env().device)
+        except (BackendUnavailableError, RequestError) as err:
             return False, str(err)
         if device == "gpu":
             if not _metal():
-                return False, "ONDEVICE_MLX_DEVICE=gpu but MLX has no Metal device here"
+                return False, "MLX device gpu was asked for, but MLX has no Metal device here"
             return True, "gpu (Metal)"
         try:
             mx.eval(mx.add(mx.array([1.0]), 1.0, stream=mx.cpu))
@@ -638,15 +617,26 @@ class MlxBackend(Backend):
         return True, "cpu"
 
     @classmethod
-    def kv_bytes_per_token(cls, config: ModelConfig, itemsize: int | None = None) -> int:
-        """KV bytes per token in the dtype the default device computes in (float16 on Metal
-        holds twice the tokens of the same budget)."""
-        if itemsize is None:
-            try:
-                itemsize = DTYPES[default_dtype(default_device())].size
-            except BackendUnavailableError:
-                itemsize = 4
-        return Backend.kv_bytes_per_token(config, itemsize)
+    def kv_bytes_per_token(cls, config: ModelConfig, options: MlxOptions | None = None) -> int:
+        """KV bytes per token in the dtype the device computes in (float16 on Metal holds
+        twice the tokens of the same budget)."""
+        opts = options or MlxOptions.from_env()
+        try:
+            itemsize = DTYPES[default_dtype(default_device(opts.device), opts.dtype)].size
+        except BackendUnavailableError:
+            itemsize = 4
+        return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                * itemsize)
+
+    def to_device(self, array: np.ndarray) -> mx.array:
+        return self.ops.from_host(array)
+
+    def to_host(self, x: mx.array) -> np.ndarray:
+        return self.ops.to_host(x)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device_name, "dtype": self.dtype_name,
+                "weights": "expanded" if self.expanded else "as stored", "threads": self.threads}
 
     def forward(self, batch: BatchInput) -> np.ndarray:
         self.ops.begin_step()

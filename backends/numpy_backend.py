@@ -11,12 +11,9 @@ import numpy as np
 
 from ..batch import BatchInput
 from ..modeldir import ModelDir, QuantizedTensor
-from .base import Backend
+from .base import AttentionPlan, Backend, PageRelease, RopeTables
 
 F32 = np.float32
-
-
-RELEASE_EVERY = 64 << 20  # bytes copied between drops of the checkpoint's mapped pages
 
 
 class _Linear:
@@ -31,16 +28,12 @@ class NumpyLoader:
     """Copies every weight into float32 anonymous memory (huge pages, no file paging during
     decode), dropping the checkpoint's mapped pages as it goes so they never add up in RSS."""
 
-    def __init__(self, model: ModelDir):
-        self.model = model
-        self._copied = 0
+    def __init__(self, model_dir: ModelDir):
+        self.release = PageRelease(model_dir)
 
     def _dense(self, w) -> np.ndarray:
         out = w.dequantize() if isinstance(w, QuantizedTensor) else np.array(w, dtype=F32, order="C")
-        self._copied += out.nbytes
-        if self._copied >= RELEASE_EVERY:
-            self.model.weights.release_pages()
-            self._copied = 0
+        self.release.copied(out.nbytes)
         return out
 
     def embedding(self, w) -> np.ndarray:
@@ -59,12 +52,17 @@ class NumpyLoader:
 class NumpyOps:
     """Every op of the ``Ops`` protocol on float32 NumPy arrays."""
 
-    def __init__(self, kv: np.ndarray, block_size: int, max_positions: int, inv_freq: np.ndarray):
+    def __init__(self, kv: np.ndarray, block_size: int):
         self.kv = kv
         self.block_size = block_size
-        # cos/sin for every position up to the context length, looked up by index per step.
-        angles = np.arange(max_positions, dtype=F32)[:, None] * inv_freq[None, :]
-        self.cos, self.sin = np.cos(angles), np.sin(angles)
+        self.rope_tables = RopeTables()
+        self._plan: tuple[BatchInput, AttentionPlan] | None = None
+
+    def plan(self, batch: BatchInput) -> AttentionPlan:
+        """The step's attention metadata, built by the first layer and reused by the rest."""
+        if self._plan is None or self._plan[0] is not batch:
+            self._plan = (batch, AttentionPlan.build(batch, self.block_size))
+        return self._plan[1]
 
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]
@@ -85,7 +83,8 @@ class NumpyOps:
     def rope(self, x, positions, inv_freq, heads, head_dim) -> np.ndarray:
         t, half = x.shape[0], head_dim // 2
         x = x.reshape(t, heads, head_dim)
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        cos, sin = self.rope_tables(positions, inv_freq)
+        cos, sin = cos[:, None, :], sin[:, None, :]
         x1, x2 = x[..., :half], x[..., half:]
         out = np.empty_like(x)
         out[..., :half] = x1 * cos - x2 * sin
@@ -99,16 +98,13 @@ class NumpyOps:
         flat[1, slot_mapping] = v.reshape(-1, kvh, hd)
 
     def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale):
-        t, g, bs = q.shape[0], heads // kv_heads, self.block_size
+        t, g = q.shape[0], heads // kv_heads
         out = np.empty((t, kv_heads, g, head_dim), dtype=F32)
         q = q.reshape(t, kv_heads, g, head_dim)
         cache = self.kv[layer]
-        qsl, lens, pos = batch.query_start_loc, batch.seq_lens, batch.positions
-        for s in range(batch.num_seqs):
-            start, end, length = int(qsl[s]), int(qsl[s + 1]), int(lens[s])
-            if end == start:
-                continue
-            blocks = batch.block_tables[s, : -(-length // bs)]
+        pos = batch.positions
+        for s, start, end, length, n_blocks in self.plan(batch).sequences():
+            blocks = batch.block_tables[s, :n_blocks]
             k = cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length]  # gather: [L, kvh, hd]
             v = cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length]
             qs = q[start:end].transpose(1, 2, 0, 3)  # [kvh, g, n, hd]
@@ -141,14 +137,15 @@ class NumpyOps:
 class NumpyBackend(Backend):
     name = "numpy"
 
-    def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16):
-        super().__init__(model, num_blocks=num_blocks, block_size=block_size)
+    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
+                 options=None):
+        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options)
         c = self.config
-        self.params = self.model.load_params(model, NumpyLoader(model))
+        self.params = self.model.load_params(model_dir, NumpyLoader(model_dir))
         shape = (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
         self.kv = np.zeros(shape, dtype=F32)
         self.kv[...] = 0  # fault every page in now, not during the first requests
-        self.ops = NumpyOps(self.kv, block_size, c.max_position_embeddings, self.model.inv_freq)
+        self.ops = NumpyOps(self.kv, block_size)
 
     def forward(self, batch: BatchInput) -> np.ndarray:
         return self.model.forward(self.ops, self.params, batch)

@@ -11,10 +11,21 @@ from .errors import (
     UnsupportedModelError,
 )
 from .sampling import SamplingParams
+from .settings import (
+    BackendOptions,
+    CoreMLOptions,
+    CpuOptions,
+    EngineConfig,
+    MlxOptions,
+    NumpyOptions,
+    WgpuOptions,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendOptions", "CoreMLOptions", "CpuOptions", "EngineConfig", "MlxOptions",
+    "NumpyOptions", "WgpuOptions",
     "BackendUnavailableError", "Chunk", "Model", "ModelFormatError", "OndeviceError",
     "RequestError", "SamplingError", "SamplingParams", "TokenizerError",
     "UnsupportedModelError", "load",

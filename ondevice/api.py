@@ -14,6 +14,7 @@ from .errors import RequestError
 from .modeldir import ModelDir
 from .runtime import Runtime
 from .sampling import SamplingParams
+from .settings import BackendOptions, EngineConfig
 
 Prompt = str | Sequence[dict[str, Any]] | list[int]
 
@@ -152,11 +153,13 @@ def load(
     model: str | os.PathLike | None = None,
     backend: str = "auto",
     *,
+    engine: EngineConfig | None = None,
+    options: BackendOptions | dict[str, Any] | None = None,
     kv_memory: int | str | None = None,
-    block_size: int = 16,
-    max_num_seqs: int = 64,
-    max_num_batched_tokens: int = 512,
-    enable_prefix_caching: bool = True,
+    block_size: int | None = None,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    enable_prefix_caching: bool | None = None,
     quiet: bool = False,
     policy: Any = None,
 ) -> Any:
@@ -166,30 +169,33 @@ def load(
         model: a model directory, a ``.gguf`` file (converted once into the cache), or None
             for the embedded default model (SmolLM2-135M-Instruct).
         backend: ``"auto"`` or a backend name (see ``ondevice backends``).
+        engine: an :class:`ondevice.EngineConfig` (block size, sequences, token budget,
+            prefix caching, KV memory); the keywords below override single fields of it.
+        options: the backend's options (e.g. :class:`ondevice.MlxOptions`), or a dict of
+            overrides on top of the environment's defaults (``{"threads": 2}``).
         kv_memory: KV cache budget in bytes or as text (``"256MiB"``); default: one full
             context, at least 256 MiB, at most a quarter of the free memory.
-        block_size: tokens per KV block.
-        max_num_seqs: sequences decoded together at most.
-        max_num_batched_tokens: tokens per engine step (longer prompts are chunked).
-        enable_prefix_caching: reuse the KV of shared prompt prefixes across requests.
+        block_size: tokens per KV block (16).
+        max_num_seqs: sequences decoded together at most (64).
+        max_num_batched_tokens: tokens per engine step; longer prompts are chunked (512).
+        enable_prefix_caching: reuse the KV of shared prompt prefixes across requests (True).
         policy: None for a local :class:`Model`; else ``"auto"``, ``"local"``, ``"cloud"``,
             an inference mode name, or an :class:`ondevice.policy.Policy`: returns a
             :class:`ondevice.policy.RoutedModel` that places each request locally or on the
             configured cloud endpoint (and loads the local engine only when needed).
     """
+    engine = (engine or EngineConfig()).merged(
+        kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=enable_prefix_caching)
     path = resolve_model(model, quiet=quiet)
     if policy is not None:
         from .policy import Policy, RoutedModel
 
         if not isinstance(policy, Policy):
             policy = Policy.named(str(policy))
-        return RoutedModel(path, policy, backend, dict(
-            kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching))
+        return RoutedModel(path, policy, backend, dict(engine=engine, options=options))
     md = ModelDir(path)
     _ = md.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat
-    runtime = Runtime(md, backend, kv_memory=kv_memory, block_size=block_size,
-                      max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                      enable_prefix_caching=enable_prefix_caching)
+    runtime = Runtime(md, backend, engine=engine, options=options)
     return Model(runtime, path)

@@ -12,30 +12,9 @@ from .engine.engine import score_tokens
 from .errors import RequestError
 from .memory import available_memory_bytes
 from .modeldir import ModelDir
+from .settings import BackendOptions, EngineConfig, backend_options, parse_size  # noqa: F401
 
 DEFAULT_KV_MEMORY = 256 << 20
-
-
-def parse_size(text: str | int) -> int:
-    """``"256MiB"``, ``"1GB"``, ``"512m"`` or a plain number of bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().lower().replace(" ", "")
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6,
-             "gb": 10**9, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            s, scale = s[: -len(unit)], mult
-            break
-    else:
-        scale = 1
-    try:
-        value = float(s) * scale
-    except ValueError:
-        raise RequestError(f"cannot read memory size {text!r} (try 256MiB or 1GiB)") from None
-    if value <= 0:
-        raise RequestError(f"memory size must be positive, got {text!r}")
-    return int(value)
 
 
 def model_id(model_dir: ModelDir) -> str:
@@ -57,36 +36,44 @@ class Runtime:
     """Model + backend + KV pool + engine. Thread-safe through the engine loop."""
 
     def __init__(
-        self, model_dir: ModelDir, backend: str = "auto", *, kv_memory: int | str | None = None,
-        block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
-        enable_prefix_caching: bool = True,
+        self, model_dir: ModelDir, backend: str = "auto", *, engine: EngineConfig | None = None,
+        options: BackendOptions | dict | None = None,
     ):
+        engine = engine or EngineConfig()
+        self.engine_config = engine
         self.model_dir = model_dir
         self.config = model_dir.config
         self.backend_name = resolve(backend)
         cls = backend_class(self.backend_name)
-        per_block = cls.kv_bytes_per_token(self.config) * block_size
+        self.options = backend_options(self.backend_name, options)
+        block_size, kv_memory = engine.block_size, engine.kv_memory
+        per_block = cls.kv_bytes_per_token(self.config, self.options) * block_size
         if kv_memory is None:
             # One full context (at least DEFAULT_KV_MEMORY), within a quarter of free memory.
             budget = max(DEFAULT_KV_MEMORY, self.config.context_length * per_block // block_size)
             budget = min(budget, available_memory_bytes() // 4)
         else:
             budget = parse_size(kv_memory)
+            free = available_memory_bytes()
+            if budget > free:
+                raise RequestError(f"KV memory of {budget >> 20} MiB is more than the "
+                                   f"{free >> 20} MiB of memory available")
         num_blocks = budget // per_block
-        cap = cls.max_kv_blocks(self.config, block_size)
+        cap = cls.max_kv_blocks(self.config, block_size, self.options)
         if kv_memory is None and cap is not None:
             num_blocks = min(num_blocks, cap)  # e.g. wgpu: one layer's K within one binding
         if num_blocks < 1:
             raise RequestError(f"KV memory {budget} bytes is less than one block ({per_block} bytes)")
         self.model_id = model_id(model_dir)
-        self.backend = cls(model_dir, num_blocks=num_blocks, block_size=block_size)
+        self.backend = cls(model_dir, num_blocks=num_blocks, block_size=block_size,
+                           options=self.options)
         # The backend holds its own copy of the weights now: unmap the files so that their
         # pages stop counting against this process.
         model_dir.close()
         self.engine = Engine(
             self.backend, self.tokenizer, context_length=self.config.context_length,
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            enable_prefix_caching=enable_prefix_caching, model_id=self.model_id,
+            max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs,
+            enable_prefix_caching=engine.enable_prefix_caching, model_id=self.model_id,
         )
         self.loop = EngineLoop(self.engine)
         self.sync = SyncEngine(self.loop)

@@ -4,9 +4,9 @@ normalized MSE (float32 ops <= 1e-7, ops on quantized weights <= 5e-4).
 
 A backend takes part as soon as ``available_backends()`` reports it available. The harness
 builds it from tiny model directories like any caller would (``cls(model_dir, num_blocks=...,
-block_size=...)``, plus ``dtype="float32"`` when the constructor takes a dtype), reaches its ops
-and weight handles as ``backend.ops`` and ``backend.params``, and moves arrays through
-``ops.from_host`` / ``ops.to_host`` (a backend computing on NumPy arrays needs neither).
+block_size=..., options=...)``, with ``dtype="float32"`` when its options have a dtype), reaches
+its ops and weight handles as ``backend.ops`` and ``backend.params``, and moves arrays through
+``backend.to_device`` / ``backend.to_host`` (all declared in the backend contract).
 A backend that can also store weights and KV as float16 (wgpu with ``shader-f16``) runs a second
 variant so, held to 5e-4 on the ops that read weights or KV and to the float32 bound elsewhere.
 Adding an op to the protocol adds one test here.
@@ -14,7 +14,7 @@ Adding an op to the protocol adds one test here.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
 from ondevice.batch import BatchInput
 from ondevice.modeldir import ModelDir
+from ondevice.settings import backend_options
 
 F32_NMSE = 1e-7
 QUANT_NMSE = 5e-4
@@ -94,9 +95,10 @@ def _model_dir(case: str, tmp_path_factory) -> ModelDir:
 def _build(name: str, kw: dict, md: ModelDir, block_size: int):
     cls = backend_class(name)
     kw = dict(kw)
-    if "dtype" in inspect.signature(cls.__init__).parameters:
+    if "dtype" in {f.name for f in dataclasses.fields(cls.options_class)}:
         kw.setdefault("dtype", "float32")  # the thresholds are for float32 arithmetic
-    return cls(md, num_blocks=NUM_BLOCKS, block_size=block_size, **kw)
+    return cls(md, num_blocks=NUM_BLOCKS, block_size=block_size,
+               options=backend_options(name, kw))
 
 
 @pytest.fixture(params=list(VARIANTS))
@@ -121,11 +123,11 @@ def pair(request, variant, tmp_path_factory):
 
 # -- helpers ----------------------------------------------------------------------------------
 def dev(be, a: np.ndarray):
-    return getattr(be.ops, "from_host", np.asarray)(np.ascontiguousarray(a, dtype=np.float32))
+    return be.to_device(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def host(be, x) -> np.ndarray:
-    return np.asarray(getattr(be.ops, "to_host", np.asarray)(x))
+    return np.asarray(be.to_host(x))
 
 
 def nmse(got: np.ndarray, ref: np.ndarray) -> float:
@@ -143,12 +145,12 @@ def check(got, ref, tol: float) -> None:
 
 def stored(be, tol: float) -> float:
     """Tolerance of an op that reads weights or KV, which a float16 variant stores rounded."""
-    return max(tol, LOW_PRECISION_NMSE) if getattr(be, "dtype_name", "") == "float16" else tol
+    return max(tol, LOW_PRECISION_NMSE) if be.dtype_name == "float16" else tol
 
 
 def as_stored(be, a: np.ndarray) -> np.ndarray:
     """``a`` as the backend's KV pool holds it (rounded through float16 if it stores that)."""
-    if getattr(be, "dtype_name", "") == "float16":
+    if be.dtype_name == "float16":
         return a.astype(np.float16).astype(np.float32)
     return a
 

@@ -13,6 +13,7 @@ from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
 from ondevice.engine import Engine
 from ondevice.modeldir import ModelDir
+from ondevice.settings import backend_options
 from ondevice.sampling import SamplingParams
 
 # Constructor keywords per backend: float32 arithmetic, MLX on its CPU device.
@@ -31,7 +32,7 @@ def make_engine(request, model_dir):
 
     def make(num_blocks=512, block_size=8, caching=True) -> Engine:
         backend = backend_class(name)(model_dir, num_blocks=num_blocks, block_size=block_size,
-                                      **FLOAT32[name])
+                                      options=backend_options(name, FLOAT32[name]))
         return Engine(backend, model_dir.tokenizer,
                       context_length=model_dir.config.context_length,
                       enable_prefix_caching=caching, model_id="tiny")

@@ -24,6 +24,7 @@ from ondevice.engine import Engine
 from ondevice.errors import BackendUnavailableError
 from ondevice.modeldir import ModelDir
 from ondevice.sampling import SamplingParams
+from ondevice.settings import MlxOptions
 
 mx = pytest.importorskip("mlx.core")
 if not available_backends()["mlx"][0]:
@@ -32,7 +33,8 @@ if not available_backends()["mlx"][0]:
 from ondevice.backends import mlx_backend  # noqa: E402
 from ondevice.backends.mlx_backend import MlxBackend  # noqa: E402
 
-CPU_F32 = {"device": "cpu", "dtype": "float32"}
+def cpu_f32(**kw) -> MlxOptions:
+    return MlxOptions(device="cpu", dtype="float32", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +79,15 @@ def test_missing_mlx_is_a_clear_error(tiny_model_dir):
 
 
 def test_device_and_dtype_choices(model_dir, monkeypatch):
+    # The environment is read once, into the options' defaults (ondevice/settings.py).
     monkeypatch.setenv("ONDEVICE_MLX_DEVICE", "tpu")
     ok, why = MlxBackend.availability()
-    assert not ok and "ONDEVICE_MLX_DEVICE" in why
+    assert not ok and "'tpu'" in why
     monkeypatch.setenv("ONDEVICE_MLX_DEVICE", "cpu")
     assert MlxBackend.availability() == (True, "cpu")
     with pytest.raises(BackendUnavailableError, match="float64"):
-        MlxBackend(model_dir, num_blocks=4, dtype="float64")
-    be = MlxBackend(model_dir, num_blocks=4)
+        MlxBackend(model_dir, num_blocks=4, options=MlxOptions(dtype="float64"))
+    be = MlxBackend(model_dir, num_blocks=4, options=MlxOptions(device="cpu"))
     assert be.device_name == "cpu" and be.dtype_name == "float32"
     assert MlxBackend.kv_bytes_per_token(model_dir.config) == \
         NumpyBackend.kv_bytes_per_token(model_dir.config)
@@ -102,7 +105,7 @@ def _prefill_then_decode(be, prompt: list[int], steps: int) -> list[np.ndarray]:
 
 
 def test_one_evaluation_per_step(model_dir, monkeypatch):
-    be = MlxBackend(model_dir, num_blocks=16, block_size=8, **CPU_F32)
+    be = MlxBackend(model_dir, num_blocks=16, block_size=8, options=cpu_f32())
     calls = []
     real = mx.eval
     monkeypatch.setattr(mx, "eval", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -115,7 +118,7 @@ def test_kv_writes_update_the_pool_in_place(model_dir):
     c = model_dir.config
     per_slot = c.num_key_value_heads * c.head_dim * 4
     blocks = (64 << 20) // (per_slot * 16)
-    be = MlxBackend(model_dir, num_blocks=blocks, block_size=16, **CPU_F32)
+    be = MlxBackend(model_dir, num_blocks=blocks, block_size=16, options=cpu_f32())
     _prefill_then_decode(be, list(range(3, 30)), 1)
     mx.reset_peak_memory()
     base = mx.get_active_memory()
@@ -130,8 +133,8 @@ def test_cpu_stream_split_matches_one_stream(model_dir, q4_dir, monkeypatch, qua
     monkeypatch.setattr(mlx_backend, "SPLIT_MIN_OUT", 1)
     monkeypatch.setattr(mlx_backend, "MIN_PIECE_ROWS", 8)
     prompt = np.random.default_rng(0).integers(3, md.config.vocab_size, 70).tolist()
-    runs = [_prefill_then_decode(MlxBackend(md, num_blocks=32, block_size=8, threads=t,
-                                            quantized="keep", **CPU_F32), prompt, 3)
+    runs = [_prefill_then_decode(MlxBackend(md, num_blocks=32, block_size=8,
+                                            options=cpu_f32(quantized="keep", threads=t)), prompt, 3)
             for t in (1, 2, 3)]
     ref = _prefill_then_decode(NumpyBackend(md, num_blocks=32, block_size=8), prompt, 3)
     for run in runs:
@@ -147,7 +150,7 @@ def test_gpu_code_paths_on_the_cpu_device(tmp_path):
                                     "original_max_position_embeddings": 64})
     md = ModelDir(write_model(tmp_path, cfg, tokenizer=False))
     prompt = np.random.default_rng(1).integers(3, cfg["vocab_size"], 90).tolist()
-    be = MlxBackend(md, num_blocks=32, block_size=8, **CPU_F32)
+    be = MlxBackend(md, num_blocks=32, block_size=8, options=cpu_f32())
     be.ops.fast_rope = be.ops.fuse = True
     ref = NumpyBackend(md, num_blocks=32, block_size=8)
     for got, want in zip(_prefill_then_decode(be, prompt, 3), _prefill_then_decode(ref, prompt, 3),
@@ -158,8 +161,8 @@ def test_gpu_code_paths_on_the_cpu_device(tmp_path):
 # -- the engine on MLX (batched = alone etc. for every backend: test_engine_backends.py) -------
 def make_engine(md, num_blocks=512, block_size=8, caching=True, quantized=None,
                 **kw) -> Engine:
-    backend = MlxBackend(md, num_blocks=num_blocks, block_size=block_size, quantized=quantized,
-                         **CPU_F32)
+    backend = MlxBackend(md, num_blocks=num_blocks, block_size=block_size,
+                         options=cpu_f32(quantized=quantized))
     return Engine(backend, md.tokenizer, context_length=md.config.context_length,
                   enable_prefix_caching=caching, model_id="tiny", **kw)
 
@@ -183,19 +186,17 @@ def test_quantized_weights_expanded_on_the_cpu_only_when_they_fit(q4_dir, monkey
         return sum(isinstance(p, mlx_backend._Linear) and p.quant is not None
                    for layer in be.params.layers for p in vars(layer).values())
 
-    monkeypatch.delenv("ONDEVICE_MLX_QUANTIZED", raising=False)
-    small = MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32)
+    small = MlxBackend(q4_dir, num_blocks=8, block_size=8, options=cpu_f32())
     assert small.expanded and quantized_parts(small) == 0
     monkeypatch.setattr(mlx_backend, "available_memory_bytes", lambda: 1 << 20)
-    tight = MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32)
+    tight = MlxBackend(q4_dir, num_blocks=8, block_size=8, options=cpu_f32())
     assert not tight.expanded and quantized_parts(tight) > 0
-    monkeypatch.setenv("ONDEVICE_MLX_QUANTIZED", "expand")
-    assert MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32).expanded
-    kept = MlxBackend(q4_dir, num_blocks=8, block_size=8, quantized="keep", **CPU_F32)
+    assert MlxBackend(q4_dir, num_blocks=8, block_size=8,
+                      options=cpu_f32(quantized="expand")).expanded
+    kept = MlxBackend(q4_dir, num_blocks=8, block_size=8, options=cpu_f32(quantized="keep"))
     assert not kept.expanded and quantized_parts(kept) > 0
-    monkeypatch.setenv("ONDEVICE_MLX_QUANTIZED", "sometimes")
-    with pytest.raises(BackendUnavailableError, match="ONDEVICE_MLX_QUANTIZED='sometimes'"):
-        MlxBackend(q4_dir, num_blocks=8, block_size=8, **CPU_F32)
+    with pytest.raises(BackendUnavailableError, match="quantized='sometimes'"):
+        MlxBackend(q4_dir, num_blocks=8, block_size=8, options=cpu_f32(quantized="sometimes"))
 
 
 def test_cli_generate_with_mlx(tiny_model_dir):
@@ -210,13 +211,7 @@ def test_cli_generate_with_mlx(tiny_model_dir):
 # -- the real model: golden check on the CPU device at float32 ---------------------------------
 @pytest.fixture(scope="module")
 def real_mlx(real_model_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ONDEVICE_MLX_DEVICE", "cpu")
-    mp.setenv("ONDEVICE_MLX_DTYPE", "float32")
-    try:
-        model = ondevice.load(real_model_dir, backend="mlx", kv_memory="64MiB")
-    finally:
-        mp.undo()
+    model = ondevice.load(real_model_dir, backend="mlx", kv_memory="64MiB", options=cpu_f32())
     assert model.runtime.backend.device_name == "cpu"
     assert model.runtime.backend.dtype_name == "float32"
     yield model
@@ -266,12 +261,8 @@ def _mlx_lm_greedy(path, float32: bool = False) -> list[int]:
 
 
 def _ondevice_greedy(path) -> list[int]:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ONDEVICE_MLX_DEVICE", "cpu")
-    try:
-        model = ondevice.load(path, backend="mlx", kv_memory="8MiB")
-    finally:
-        mp.undo()
+    model = ondevice.load(path, backend="mlx", kv_memory="8MiB",
+                          options=MlxOptions(device="cpu"))
     try:
         params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
         return [c.token_id for c in model.stream(PROMPT, params)]

@@ -144,10 +144,10 @@ class Engine:
         handed to the sampler is then -inf but for that token, which greedy picks alike."""
         if not batch.num_tokens:
             return None
-        topk = getattr(self.backend, "forward_topk", None)
-        if topk is None or not sampled or not all(_plain_greedy(s.request.params) for s in sampled):
+        if (not self.backend.capabilities.device_topk or not sampled
+                or not all(_plain_greedy(s.request.params) for s in sampled)):
             return self.backend.forward(batch)
-        ids, vals = topk(batch, 1)
+        ids, vals = self.backend.forward_topk(batch, 1)
         rows = np.full((len(ids), self.vocab_size), -np.inf, np.float32)
         for r, (i, v) in enumerate(zip(ids[:, 0], vals[:, 0], strict=True)):
             if 0 <= i < self.vocab_size:  # no id: every logit was NaN or -inf (sampler raises)

@@ -18,6 +18,7 @@ from typing import Any
 from ..api import Chunk, Model, Prompt, Timings
 from ..errors import BackendUnavailableError, CloudError, PolicyError, RequestError
 from ..sampling import SamplingParams
+from ..settings import BackendOptions
 from .cloud import CloudChunk, CloudClient, CloudConfig, reachable
 from .decide import DEFAULT_BATTERY_THRESHOLD, MODES, Decision, Request, decide
 from .device import DeviceProfile
@@ -180,7 +181,11 @@ class RoutedModel:
                 raise BackendUnavailableError(f"no local backend can run {self.path.name}: "
                                               f"{d.message()}")
             try:
-                self._local = load(self.path, d.backend, quiet=True, **self._load_kwargs)
+                kwargs = dict(self._load_kwargs)
+                opts = kwargs.get("options")
+                if isinstance(opts, BackendOptions) and opts.backend != d.backend:
+                    kwargs.pop("options")  # options of another backend than the one chosen
+                self._local = load(self.path, d.backend, quiet=True, **kwargs)
             except LOCAL_FAILURES:
                 # That backend cannot run here after all: later decisions must not count on it.
                 self.profile = replace(self.profile, backends=tuple(
