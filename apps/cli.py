@@ -9,6 +9,7 @@ import time
 
 import click
 
+from ..backends import KNOWN as KNOWN_BACKENDS
 from ..errors import OndeviceError
 
 SAMPLING_OPTIONS = [
@@ -17,15 +18,33 @@ SAMPLING_OPTIONS = [
     click.option("--top-p", type=float, default=0.95, show_default=True),
     click.option("--top-k", type=int, default=0, show_default=True, help="0 disables."),
     click.option("--min-p", type=float, default=0.0, show_default=True),
-    click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+    click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+                 help="Divide the logits of tokens already seen by this (>1 repeats less)."),
+    # The old spelling, kept working but not shown.
+    click.option("--repeat-penalty", "repeat_penalty_alias", type=float, default=None,
+                 hidden=True),
     click.option("--seed", type=int, default=None, help="Same seed, same output."),
 ]
+BACKEND_CHOICES = ["auto", *KNOWN_BACKENDS]
 MODEL_OPTIONS = [
     click.option("--model", "-m", default=None,
                  help="Model directory or .gguf file [default: SmolLM2-135M-Instruct]."),
-    click.option("--backend", "-b", default="auto", show_default=True),
+    click.option("--backend", "-b", type=click.Choice(BACKEND_CHOICES), default="auto",
+                 show_default=True, help="Where to run (see `ondevice backends`)."),
     click.option("--kv-memory", default=None, help="KV cache budget, e.g. 256MiB."),
+    click.option("--block-size", type=click.IntRange(min=1), default=None,
+                 help="Tokens per KV block [16]."),
+    click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+                 help="Sequences decoded together at most [64]."),
+    click.option("--max-batched-tokens", type=click.IntRange(min=1), default=None,
+                 help="Tokens per engine step; longer prompts are chunked [512]."),
+    click.option("--no-prefix-caching", is_flag=True, default=False,
+                 help="Do not reuse the KV of shared prompt prefixes."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="Compute threads of the cpu and mlx backends [physical cores]."),
 ]
+ENGINE_FLAGS = ("kv_memory", "block_size", "max_num_seqs", "max_batched_tokens",
+                "no_prefix_caching", "threads")
 
 
 def _options(options):
@@ -70,6 +89,24 @@ class _Group(click.Group):
             command = _lazy(name)
         return command
 
+    def main(self, *args, **kwargs):
+        # Bad flags and values are bad input like any other: one line on stderr, exit code 1
+        # (click's own convention is a usage block and exit code 2).
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as err:
+            hint = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
+            click.echo(f"Error: {err.format_message()}{hint}", err=True)
+            sys.exit(1)
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.exceptions.Exit as err:
+            sys.exit(err.exit_code)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -87,24 +124,54 @@ def cli() -> None:
     """ondevice: run language models on this machine."""
 
 
-def _params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, **extra):
+def _params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+            repeat_penalty_alias=None, **extra):
     from ..sampling import SamplingParams
 
+    if repeat_penalty_alias is not None:
+        repetition_penalty = repeat_penalty_alias
     return SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repeat_penalty, seed=seed, **extra,
+        repetition_penalty=repetition_penalty, seed=seed, **extra,
     )
 
 
-def _load(model, backend, kv_memory, policy=None, cloud_url=None):
+def _engine_settings(backend: str, kv_memory=None, block_size=None, max_num_seqs=None,
+                     max_batched_tokens=None, no_prefix_caching=False, threads=None):
+    """The engine configuration and backend options the command-line flags ask for."""
+    import dataclasses
+
+    from ..backends import resolve
+    from ..settings import OPTIONS, EngineConfig
+
+    engine = EngineConfig().merged(
+        kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_batched_tokens,
+        enable_prefix_caching=False if no_prefix_caching else None)
+    options = None
+    if threads is not None:
+        name = resolve(backend)
+        if "threads" not in {f.name for f in dataclasses.fields(OPTIONS[name])}:
+            raise click.UsageError(f"--threads applies to the cpu and mlx backends, not {name}")
+        options = {"threads": threads}
+    return engine, options
+
+
+def _load(model, backend, policy=None, cloud_url=None, **flags):
     from .. import load
 
+    engine, options = _engine_settings(backend, **flags)
     if policy or cloud_url:
         from ..policy import Policy
 
-        return load(model, backend, kv_memory=kv_memory,
+        return load(model, backend, engine=engine, options=options,
                     policy=Policy.named(policy or "auto", cloud_url=cloud_url))
-    return load(model, backend, kv_memory=kv_memory)
+    return load(model, backend, engine=engine, options=options)
+
+
+def _split(kwargs: dict) -> dict:
+    """Pop the engine flags out of a command's keyword arguments."""
+    return {name: kwargs.pop(name) for name in ENGINE_FLAGS if name in kwargs}
 
 
 @cli.command()
@@ -120,7 +187,7 @@ def _load(model, backend, kv_memory, policy=None, cloud_url=None):
 @click.option("--cloud-url", default=None,
               help="OpenAI-compatible endpoint for --policy [env: ONDEVICE_CLOUD_URL, or "
                    "cloud.toml in the ondevice home; key: ONDEVICE_CLOUD_API_KEY].")
-def chat(model, backend, kv_memory, system, max_tokens, prompt_cache, policy, cloud_url,
+def chat(model, backend, system, max_tokens, prompt_cache, policy, cloud_url,
          **sampling) -> None:
     """Chat with a model. Without a terminal, reads stdin as one message and prints the reply."""
     from pathlib import Path
@@ -128,8 +195,9 @@ def chat(model, backend, kv_memory, system, max_tokens, prompt_cache, policy, cl
     from ..chat import ChatSession
     from .repl import run_repl
 
+    flags = _split(sampling)
     params = _params(max_tokens, **sampling)
-    session = ChatSession(_load(model, backend, kv_memory, policy, cloud_url), params,
+    session = ChatSession(_load(model, backend, policy, cloud_url, **flags), params,
                           system=system)
     if prompt_cache:
         if Path(prompt_cache).exists():
@@ -158,11 +226,12 @@ def chat(model, backend, kv_memory, system, max_tokens, prompt_cache, policy, cl
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not printed.")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
-def generate(model, backend, kv_memory, prompt, raw, system, max_tokens, stop, ignore_eos,
+def generate(model, backend, prompt, raw, system, max_tokens, stop, ignore_eos,
              as_json, **sampling) -> None:
     """Generate a reply to one prompt."""
+    flags = _split(sampling)
     params = _params(max_tokens, stop=stop, ignore_eos=ignore_eos, **sampling)
-    m = _load(model, backend, kv_memory)
+    m = _load(model, backend, **flags)
     if raw:
         ids = m.encode_prompt(prompt)
     else:
@@ -265,16 +334,19 @@ def info(model, as_json) -> None:
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
               help="Sequences that may wait beyond the running batch before requests get 429.")
-@click.option("--api-key", default=None, envvar="ONDEVICE_API_KEY",
+@click.option("--api-key", default=None,
               help="Require 'Authorization: Bearer KEY' [env: ONDEVICE_API_KEY].")
 @click.option("--model-name", default=None,
               help="The model id clients send [default: the model's name].")
-def serve(model, backend, kv_memory, host, port, max_queue, api_key, model_name) -> None:
+def serve(model, backend, host, port, max_queue, api_key, model_name, **flags) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
     from .. import server
+    from ..settings import env
 
-    server.serve(model, backend=backend, host=host, port=port, kv_memory=kv_memory,
-                 max_queue=max_queue, api_key=api_key, model_name=model_name)
+    engine, options = _engine_settings(backend, **flags)
+    server.serve(model, backend=backend, host=host, port=port, engine=engine, options=options,
+                 max_queue=max_queue, api_key=api_key or env("ONDEVICE_API_KEY"),
+                 model_name=model_name)
 
 
 @cli.command()

@@ -24,7 +24,7 @@ def verify_coreml(package, model, steps, prompt_tokens, min_agreement, max_error
                   as_json) -> None:
     """Evaluate PACKAGE's MIL program with NumPy and compare it with the NumPy backend over
     a paged run (chunked prefill, then greedy decode steps). Exit 1 on failure."""
-    from ..converters.coreml.verify import verify_coreml as run
+    from ..bench.verify_coreml import verify_coreml as run
 
     report = run(package, model, steps=steps, prompt_tokens=prompt_tokens,
                  min_agreement=min_agreement, max_error=max_error)

@@ -15,6 +15,10 @@ from ..errors import BackendUnavailableError
 KNOWN = ("numpy", "mlx", "wgpu", "coreml")
 
 
+# The pip extra that brings each backend's dependencies (pyproject.toml).
+EXTRAS = {"cpu": "cpu", "mlx": "mlx", "wgpu": "wgpu", "coreml": "coreml"}
+
+
 def _auto_order(system: str | None = None, machine: str | None = None) -> tuple[str, ...]:
     """Preference order for ``backend="auto"`` on this platform.
 
@@ -47,7 +51,10 @@ def backend_class(name: str):
             raise BackendUnavailableError(
                 f"backend {name!r} is not implemented in this version of ondevice"
             ) from None
-        raise BackendUnavailableError(f"backend {name!r} needs {err.name!r}, which is not installed") from None
+        extra = EXTRAS.get(name)
+        hint = f"; install it with: pip install 'ondevice[{extra}]'" if extra else ""
+        raise BackendUnavailableError(
+            f"backend {name!r} needs {err.name!r}, which is not installed{hint}") from None
     except ImportError as err:
         raise BackendUnavailableError(f"backend {name!r} failed to import: {err}") from None
     cls = module.BACKEND

@@ -5,10 +5,10 @@ states; this backend keeps one ``MLState`` and calls ``predict`` once per sequen
 one request at a time, passing the sequence's token ids, positions, slot mapping, block table
 and length exactly as the engine computed them. Core ML decides where the program runs within
 the allowed compute units: ``all`` (default), ``cpu_and_ne``, ``cpu_and_gpu`` or ``cpu_only``,
-chosen with ``ONDEVICE_COREML_COMPUTE_UNITS`` or :meth:`CoreMLBackend.from_package`.
+chosen with :class:`ondevice.settings.CoreMLOptions` or :meth:`CoreMLBackend.from_package`.
 
 Built from a model directory (the engine's path), it exports the model once (float16, into
-``$ONDEVICE_HOME/coreml/``) with the pool geometry the engine asks for, then loads that.
+``coreml/`` in the ondevice home) with the pool geometry the engine asks for, then loads that.
 
 Elsewhere :meth:`availability` says why it cannot run; exporting and ``verify-coreml`` work on
 any OS.
@@ -16,7 +16,6 @@ any OS.
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from pathlib import Path
@@ -27,18 +26,18 @@ import numpy as np
 from ..batch import BatchInput
 from ..errors import BackendUnavailableError, OndeviceError, RequestError
 from ..modeldir import ModelDir
-from .base import Backend
+from ..settings import CoreMLOptions, home_dir
+from .base import Backend, Capabilities
 
 COMPUTE_UNITS = {
     "all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY",
 }
-ENV_UNITS = "ONDEVICE_COREML_COMPUTE_UNITS"
 STATE_NAMES = ("key_cache", "value_cache")
 
 
 def compute_units(name: str | None = None) -> str:
-    """The compute-unit choice: ``name``, else ``$ONDEVICE_COREML_COMPUTE_UNITS``, else all."""
-    value = (name or os.environ.get(ENV_UNITS) or "all").strip().lower()
+    """The compute-unit choice: ``name``, else the environment's default option, else all."""
+    value = (name or CoreMLOptions.from_env().compute_units or "all").strip().lower()
     if value not in COMPUTE_UNITS:
         raise OndeviceError(
             f"unknown Core ML compute units {value!r} (choose {', '.join(COMPUTE_UNITS)})"
@@ -55,11 +54,10 @@ class CoreMLBackend(Backend):
     """Runs an exported package with Core ML; float32 logits like every backend."""
 
     name = "coreml"
-
-    @staticmethod
-    def kv_bytes_per_token(config, itemsize: int = 2) -> int:
-        """The KV states are float16."""
-        return Backend.kv_bytes_per_token(config, itemsize)
+    options_class = CoreMLOptions
+    # The KV states are float16; int8/int4 packages keep their palettized weights.
+    capabilities = Capabilities(packed_bits=frozenset({4, 8}), kv_itemsize=2)
+    dtype_name = "float16"
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -86,9 +84,10 @@ class CoreMLBackend(Backend):
             return False, f"coremltools {ct.__version__} has no Core ML runtime library here"
         return True, f"Core ML ({compute_units()}) on macOS {platform.mac_ver()[0]}"
 
-    def __init__(self, model: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 package: str | Path | None = None, units: str | None = None):
-        super().__init__(model, num_blocks=num_blocks, block_size=block_size)
+    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
+                 options: CoreMLOptions | None = None, package: str | Path | None = None):
+        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options)
+        model = model_dir
         from ..converters.coreml import export_coreml, read_manifest
 
         if package is None:
@@ -102,7 +101,7 @@ class CoreMLBackend(Backend):
                 f"the engine asked for {num_blocks} of {block_size}"
             )
         self.max_blocks = int(m["max_blocks_per_sequence"])
-        self.units = compute_units(units)
+        self.units = compute_units(self.options.compute_units)
         self.mlmodel, self.state = self._open()
 
     def _open(self) -> tuple[Any, Any]:
@@ -123,7 +122,7 @@ class CoreMLBackend(Backend):
         m = read_manifest(package)
         md = ModelDir(model or m["source_path"])
         return cls(md, num_blocks=m["num_blocks"], block_size=m["block_size"],
-                   package=package, units=compute_units)
+                   package=package, options=CoreMLOptions(compute_units=compute_units))
 
     @staticmethod
     def _ct() -> Any:
@@ -136,15 +135,13 @@ class CoreMLBackend(Backend):
 
     @staticmethod
     def _cached_export(model: ModelDir, num_blocks: int, block_size: int, export) -> Path:
-        from ..default_model import home
-
         c = model.config
         # The engine lets a sequence grow to min(context, pool); the package must take that
         # much (its attention spans max_context every step, so apps that want speed export
         # a shorter one themselves and use from_package).
         ctx = min(c.context_length, num_blocks * block_size)
         ctx -= ctx % block_size
-        out = (home() / "coreml" / f"{model.path.name}-f16-{num_blocks}x{block_size}-{ctx}"
+        out = (home_dir() / "coreml" / f"{model.path.name}-f16-{num_blocks}x{block_size}-{ctx}"
                / "model.mlpackage")
         if not (out.parent / "ondevice-manifest.json").is_file():
             print(f"ondevice: exporting {model.path.name} to Core ML in {out.parent} "

@@ -41,7 +41,7 @@ import sys, json
 import numpy as np
 from ondevice.backends.numpy_backend import NumpyBackend
 from ondevice.batch import BatchInput
-from ondevice.converters.coreml.verify import PROMPT
+from ondevice.bench.verify_coreml import PROMPT
 from ondevice.modeldir import ModelDir
 src, levels, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
@@ -76,7 +76,7 @@ print(json.dumps({"max_abs_logit_error": round(err, 4), "greedy_agreement": f"{a
 """
 CHILD_VERIFY = """
 import sys, json
-from ondevice.converters.coreml.verify import verify_coreml
+from ondevice.bench.verify_coreml import verify_coreml
 from ondevice.memory import peak_rss_bytes
 r = verify_coreml(sys.argv[1], sys.argv[2], steps=int(sys.argv[3]))
 d = r.to_dict()

@@ -63,7 +63,7 @@ def test_chat_reads_stdin_when_not_a_tty(tiny_model_dir):
     [
         (["generate", "-m", "/nonexistent", "-p", "x"], "not found"),
         (["generate", "-p", "x", "--temperature", "-1", "-m", "{tiny}"], "temperature"),
-        (["generate", "-p", "x", "--backend", "nope", "-m", "{tiny}"], "unknown backend"),
+        (["generate", "-p", "x", "--backend", "nope", "-m", "{tiny}"], "'nope' is not one of"),
         (["info", "{broken}"], "not valid JSON"),
     ],
 )

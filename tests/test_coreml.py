@@ -33,7 +33,7 @@ from ondevice.converters.coreml.interpreter import (
 )
 from ondevice.converters.coreml.mil_ops import MilLinear, MilOps, SymbolicBatch
 from ondevice.converters.coreml.package import BlobFile, TensorType
-from ondevice.converters.coreml.verify import verify_coreml
+from ondevice.bench.verify_coreml import verify_coreml
 from ondevice.errors import ModelFormatError, OndeviceError, UnsupportedModelError
 
 ct = _ct.coremltools()
@@ -78,7 +78,7 @@ def _close(got, want, rel=2e-3):
 
 T, H, HEADS, KVH, HD, BS, NB, CTX = 5, 64, 4, 2, 16, 4, 6, 16
 INV_FREQ = (1.0 / (10000.0 ** (np.arange(0, HD, 2) / HD))).astype(F32)
-NP = NumpyOps(np.zeros((1, 2, NB, BS, KVH, HD), F32), BS, CTX, INV_FREQ)  # the reference ops
+NP = NumpyOps(np.zeros((1, 2, NB, BS, KVH, HD), F32), BS)  # the reference ops
 
 
 def _ops(key=None, value=None) -> MilOps:
@@ -161,7 +161,7 @@ def _case_attention(tmp):
 
     blocks = [4, 1]
     kv = np.zeros((2, 2, NB, BS, KVH, HD), F32)
-    ref_ops = NumpyOps(kv, BS, CTX, INV_FREQ)
+    ref_ops = NumpyOps(kv, BS)
     feeds, refs = [], []
     for new, start in ((5, 0), (1, 5)):
         b = BatchInput.build([(list(range(new)), start, blocks)], BS)
@@ -519,14 +519,13 @@ def test_backend_availability_here():
         assert ("Core ML" in why) if ok else ("macOS" in why or "coremltools" in why)
 
 
-def test_backend_compute_units_are_validated(monkeypatch):
+def test_backend_compute_units_are_validated():
     from ondevice.backends.coreml_backend import compute_units
 
-    monkeypatch.setenv("ONDEVICE_COREML_COMPUTE_UNITS", "cpu_and_ne")
-    assert compute_units() == "cpu_and_ne"
-    monkeypatch.setenv("ONDEVICE_COREML_COMPUTE_UNITS", "gpu_only")
+    assert compute_units("cpu_and_ne") == "cpu_and_ne"
+    assert compute_units() == "all"
     with pytest.raises(OndeviceError, match="cpu_and_ne"):
-        compute_units()
+        compute_units("gpu_only")
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS 15+")

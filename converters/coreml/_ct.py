@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from functools import cache
 from types import ModuleType
 
 from ...errors import OndeviceError
+from ...settings import coreml_debug
 
 
 class CoreMLToolsMissingError(OndeviceError):
@@ -53,7 +53,7 @@ def quiet() -> Iterator[None]:
     # tqdm picks sys.stderr when a bar is created, so swapping it hides the pass pipelines'
     # bars; the exporter's own bar keeps the real stream it captured earlier.
     saved = sys.stderr
-    sys.stderr = io.StringIO() if not os.environ.get("ONDEVICE_COREML_DEBUG") else saved
+    sys.stderr = io.StringIO() if not coreml_debug() else saved
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

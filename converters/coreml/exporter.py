@@ -300,9 +300,22 @@ def export_coreml(
     src, out = Path(src), Path(out)
     _check_outputs(out, force, src)
     if src.is_file() and src.suffix.lower() == ".gguf":
-        from ...default_model import resolve_model
+        # A GGUF file is imported once into a float32 model directory in the ondevice home
+        # (Core ML quantizes on its own grid); the manifest names it as the source.
+        from ...settings import home_dir
+        from .. import convert
 
-        src = resolve_model(src, quiet=not progress)  # converted once to float32, cached
+        st = src.stat()
+        src_dir = home_dir() / "coreml-sources" / f"{src.stem}-{st.st_size:x}-{int(st.st_mtime):x}"
+        if not (src_dir / "config.json").is_file():
+            convert(src, src_dir, quantize="f32", force=True, progress=progress)
+        src = src_dir
+    return _export_dir(src, out, quantize, max_context, block_size, num_blocks, logits, force,
+                       progress)
+
+
+def _export_dir(src: Path, out: Path, quantize, max_context, block_size, num_blocks, logits,
+                force: bool, progress: bool) -> Path:
     model = ModelDir(src)
     try:
         opts = ExportOptions.check(model.config, quantize, max_context, block_size, num_blocks,

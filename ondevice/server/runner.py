@@ -48,7 +48,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, kv_memory: int | str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
+          engine=None, options=None, max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
           model_name: str | None = None, drain_timeout: float = 30.0,
           log_level: str = "info") -> None:
     """Serve a model over the OpenAI API until Ctrl-C or SIGTERM (blocking).
@@ -56,7 +56,8 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
     Args:
         model: an :class:`ondevice.Model` (used as it is, not closed), a model directory or
             ``.gguf`` file, or None for the embedded default model.
-        backend, kv_memory: as for :func:`ondevice.load` (ignored for a loaded model).
+        backend, kv_memory, engine, options: as for :func:`ondevice.load` (ignored for a
+            loaded model).
         host, port: where to listen; loopback only by default.
         max_queue: sequences that may wait beyond the running batch before 429.
         api_key: require ``Authorization: Bearer KEY`` (all routes but ``/health``).
@@ -67,7 +68,8 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
     from ..default_model import DEFAULT_MODEL_NAME
 
     own = not isinstance(model, Model)
-    m = load(model, backend, kv_memory=kv_memory) if own else model
+    m = load(model, backend, kv_memory=kv_memory, engine=engine, options=options) if own \
+        else model
     try:
         if model_name is None:
             model_name = DEFAULT_MODEL_NAME if model is None else m.path.name

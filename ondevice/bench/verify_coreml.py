@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ...batch import BatchInput
-from ...errors import ModelFormatError, OndeviceError
-from ...modeldir import ModelDir
-from .exporter import read_manifest
-from .interpreter import MILInterpreter
+from ..backends.numpy_backend import NumpyBackend
+from ..batch import BatchInput
+from ..errors import ModelFormatError, OndeviceError
+from ..modeldir import ModelDir
+from ..converters.coreml.exporter import read_manifest
+from ..converters.coreml.interpreter import MILInterpreter
 
 PROMPT = "The capital of France is Paris. Once upon a time there was a tiny model that"
 # Pass criteria per export. Float16 must reproduce the reference's greedy tokens; quantized
@@ -109,7 +110,6 @@ def verify_coreml(
     Returns the report; ``report.passed`` says whether it met the criteria (the CLI exits
     non-zero otherwise).
     """
-    from ...backends.numpy_backend import NumpyBackend
 
     started = time.perf_counter()
     package = Path(package)
