@@ -17,6 +17,84 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm")
 QKV_BIAS_TYPES = ("qwen2",)
 
 
+# A layer count is checked against this before anything per layer is built: the deepest
+# published checkpoints have ~130 layers, and a claimed 2**24 would otherwise build millions of
+# tensor specs before a single tensor is compared with the file.
+MAX_LAYERS = 1024
+# Every other size (width, vocabulary, context, heads): far above any real model, far below
+# what would overflow the products computed from them.
+MAX_SIZE = 1 << 24
+ROPE_TYPES = ("llama3", "linear", "default")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _is_int(value: object) -> bool:
+    # JSON true/false are Python bools, which are ints: a config saying `true` is wrong.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_size(name: str, value: object) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ModelFormatError(f"config.json: {name} must be a positive integer, got {value!r}")
+    limit = MAX_LAYERS if name == "num_hidden_layers" else MAX_SIZE
+    if value > limit:
+        raise ModelFormatError(
+            f"config.json: {name} = {value} is implausibly large (at most {limit})"
+        )
+
+
+def _check_positive_number(name: str, value: object) -> float:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value <= 0):
+        raise ModelFormatError(f"config.json: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_rope_scaling(scaling: object) -> None:
+    if not isinstance(scaling, dict):
+        raise ModelFormatError(
+            f"config.json: rope_scaling must be an object or null, got {scaling!r:.80}"
+        )
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(f"unsupported rope_scaling type {kind!r:.80}")
+    keys = {"linear": ("factor",), "llama3": LLAMA3_KEYS}.get(kind, ())
+    for key in keys:
+        if key not in scaling:
+            raise ModelFormatError(f"config.json: {kind} rope_scaling has no {key!r}")
+        _check_positive_number(f"rope_scaling.{key}", scaling[key])
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ModelFormatError(
+            "config.json: llama3 rope_scaling needs high_freq_factor > low_freq_factor, got "
+            f"{scaling['high_freq_factor']!r} and {scaling['low_freq_factor']!r}"
+        )
+
+
+def _check_quant_params(where: str, params: dict[str, Any], inherited: bool = False) -> None:
+    bits, gs = params.get("bits"), params.get("group_size")
+    if inherited and bits is None and gs is None:
+        return
+    if (bits is not None or not inherited) and (not _is_int(bits) or bits not in (2, 4, 8)):
+        raise UnsupportedModelError(f"unsupported quantization {where}bits {bits!r:.40} (2, 4 or 8)")
+    if (gs is not None or not inherited) and (not _is_int(gs) or not 0 < gs <= MAX_SIZE):
+        raise UnsupportedModelError(
+            f"unsupported quantization {where}group_size {gs!r:.40} (a positive integer)"
+        )
+
+
+def _check_quantization(quant: object) -> None:
+    if not isinstance(quant, dict):
+        raise ModelFormatError(
+            f"config.json: quantization must be an object such as "
+            f'{{"group_size": 64, "bits": 4}}, got {quant!r:.80}'
+        )
+    _check_quant_params("", quant)
+    # mlx-lm's per-layer overrides: {"model.layers.0.mlp.down_proj": {"bits": 8, ...}}.
+    for name, override in quant.items():
+        if isinstance(override, dict):
+            _check_quant_params(f"of {name[:80]}: ", override, inherited=True)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters. Built with :meth:`from_dict`, which ignores unknown keys."""
@@ -43,11 +121,13 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        # Types and ranges first: the derived defaults below do arithmetic on these values.
+        self._validate_sizes()
         # Derived defaults, filled in so that every consumer sees concrete numbers.
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
-            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+            if self.hidden_size % self.num_attention_heads:
                 raise ModelFormatError(
                     f"config.json: hidden_size {self.hidden_size} is not divisible by "
                     f"num_attention_heads {self.num_attention_heads}"
@@ -55,22 +135,22 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         self._validate()
 
-    def _validate(self) -> None:
+    def _validate_sizes(self) -> None:
         if self.model_type not in LLAMA_FAMILY:
             raise UnsupportedModelError(
                 f"unsupported architecture {self.model_type!r} "
                 f"(supported: {', '.join(LLAMA_FAMILY)})"
             )
-        positive = (
+        required = (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "vocab_size", "num_key_value_heads", "head_dim", "max_position_embeddings",
+            "vocab_size", "max_position_embeddings",
         )
-        for name in positive:
+        for name in (*required, "num_key_value_heads", "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelFormatError(f"config.json: {name} must be a positive integer, got {value!r}")
-            if value > 1 << 24:
-                raise ModelFormatError(f"config.json: {name} = {value} is implausibly large")
+            if value is not None or name in required:
+                _check_size(name, value)
+
+    def _validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelFormatError(
                 f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple "
@@ -79,20 +159,24 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ModelFormatError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
         for name in ("rms_norm_eps", "rope_theta"):
+            _check_positive_number(name, getattr(self, name))
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ModelFormatError(f"config.json: {name} must be a positive number, got {value!r}")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("llama3", "linear", "default"):
-                raise UnsupportedModelError(f"unsupported rope_scaling type {kind!r}")
-        if self.quantization is not None:
-            bits = self.quantization.get("bits")
-            gs = self.quantization.get("group_size")
-            if bits not in (2, 4, 8) or not isinstance(gs, int) or gs <= 0:
-                raise UnsupportedModelError(
-                    f"unsupported quantization {self.quantization!r} (bits 2, 4 or 8 with a group size)"
+            if not isinstance(value, bool):
+                raise ModelFormatError(f"config.json: {name} must be true or false, got {value!r}")
+        if self.sliding_window is not None:
+            _check_size("sliding_window", self.sliding_window)
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(_is_int(i) and i >= 0 for i in ids):
+                raise ModelFormatError(
+                    f"config.json: {name} must be a token id or a list of them, got {value!r}"
                 )
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+        if self.quantization is not None:
+            _check_quantization(self.quantization)
 
     @property
     def qkv_bias(self) -> bool:
@@ -139,6 +223,8 @@ class ModelConfig:
             raise ModelFormatError(f"{path}: not found") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
+        except RecursionError:  # json's C decoder recurses once per nesting level
+            raise ModelFormatError(f"{path}: JSON nested too deeply") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ flat 2-D ``[T, features]`` over the T tokens of a flattened batch; ops reshape h
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from ..batch import BatchInput
 from ..config import ModelConfig
+from ..errors import ModelFormatError
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,23 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     kind: str
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,9})\.")
+
+
+def check_layer_count(config: ModelConfig, names: Iterable[str], source: object = "") -> None:
+    """Raise :class:`ModelFormatError` unless the tensor ``names`` hold exactly the layers
+    ``0 .. num_hidden_layers - 1``. Cheap (one pass over the names) and meant to run before
+    :func:`weight_specs`, whose size follows the claimed count, not the file."""
+    present = {int(m.group(1)) for name in names if (m := _LAYER_NAME.match(name))}
+    claimed = config.num_hidden_layers
+    if present != set(range(claimed)):
+        found = f"{len(present)} (indices {min(present)}..{max(present)})" if present else "none"
+        where = f"{source}: " if source else ""
+        raise ModelFormatError(
+            f"{where}config.json claims {claimed} layers but the weights hold layers {found}"
+        )
 
 
 def weight_specs(config: ModelConfig) -> dict[str, TensorSpec]:
