@@ -92,8 +92,9 @@ class _Group(click.Group):
     def main(self, *args, **kwargs):
         # Bad flags and values are bad input like any other: one line on stderr, exit code 1
         # (click's own convention is a usage block and exit code 2).
+        kwargs.pop("standalone_mode", None)
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as err:
             hint = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
             click.echo(f"Error: {err.format_message()}{hint}", err=True)
@@ -104,8 +105,9 @@ class _Group(click.Group):
         except click.exceptions.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
-        except click.exceptions.Exit as err:
-            sys.exit(err.exit_code)
+        if isinstance(code, int) and code:  # ctx.exit(n): click returns n in this mode
+            sys.exit(code)
+        return code
 
     def invoke(self, ctx):
         try:
@@ -113,9 +115,27 @@ class _Group(click.Group):
         except OndeviceError as err:
             msg = " ".join(str(err).split("\n"))
             raise click.ClickException(msg) from None
+        except OSError as err:
+            # A path the user gave that cannot be written or read (/proc, a missing directory,
+            # a full disk): their input, not our bug. An OSError without an errno is a bug.
+            if err.errno is None:
+                raise
+            raise click.ClickException(_os_error_line(err)) from None
+        except RecursionError:
+            # Deeply nested input (JSON headers, templates) that a parser recursed into.
+            raise click.ClickException("input nested too deeply to read") from None
         except KeyboardInterrupt:
             click.echo("", err=True)
             ctx.exit(130)
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OSError: the reason and the path(s) involved."""
+    import os
+
+    reason = err.strerror or os.strerror(err.errno or 0)
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return " ".join(f"{reason}: {paths}".split()) if paths else reason
 
 
 @click.group(cls=_Group)
@@ -331,14 +351,18 @@ def info(model, as_json) -> None:
 @_options(MODEL_OPTIONS)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback only by default).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
               help="Sequences that may wait beyond the running batch before requests get 429.")
 @click.option("--api-key", default=None,
               help="Require 'Authorization: Bearer KEY' [env: ONDEVICE_API_KEY].")
 @click.option("--model-name", default=None,
               help="The model id clients send [default: the model's name].")
-def serve(model, backend, host, port, max_queue, api_key, model_name, **flags) -> None:
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Accept this Host header too (repeatable; '*' for any). Always accepted: "
+                   "--host, localhost, 127.0.0.1, ::1.")
+def serve(model, backend, host, port, max_queue, api_key, model_name, allowed_hosts,
+          **flags) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
     from .. import server
     from ..settings import env
@@ -346,7 +370,7 @@ def serve(model, backend, host, port, max_queue, api_key, model_name, **flags) -
     engine, options = _engine_settings(backend, **flags)
     server.serve(model, backend=backend, host=host, port=port, engine=engine, options=options,
                  max_queue=max_queue, api_key=api_key or env("ONDEVICE_API_KEY"),
-                 model_name=model_name)
+                 model_name=model_name, allowed_hosts=allowed_hosts)
 
 
 @cli.command()

@@ -161,9 +161,8 @@ def load(
     max_num_batched_tokens: int | None = None,
     enable_prefix_caching: bool | None = None,
     quiet: bool = False,
-    policy: Any = None,
-) -> Any:
-    """Load a model for generation.
+) -> Model:
+    """Load a model for local generation (``ondevice.load`` adds the ``policy`` keyword).
 
     Args:
         model: a model directory, a ``.gguf`` file (converted once into the cache), or None
@@ -179,22 +178,13 @@ def load(
         max_num_seqs: sequences decoded together at most (64).
         max_num_batched_tokens: tokens per engine step; longer prompts are chunked (512).
         enable_prefix_caching: reuse the KV of shared prompt prefixes across requests (True).
-        policy: None for a local :class:`Model`; else ``"auto"``, ``"local"``, ``"cloud"``,
-            an inference mode name, or an :class:`ondevice.policy.Policy`: returns a
-            :class:`ondevice.policy.RoutedModel` that places each request locally or on the
-            configured cloud endpoint (and loads the local engine only when needed).
+        quiet: no progress output while a GGUF file is imported.
     """
     engine = (engine or EngineConfig()).merged(
         kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching)
     path = resolve_model(model, quiet=quiet)
-    if policy is not None:
-        from .policy import Policy, RoutedModel
-
-        if not isinstance(policy, Policy):
-            policy = Policy.named(str(policy))
-        return RoutedModel(path, policy, backend, dict(engine=engine, options=options))
     md = ModelDir(path)
     _ = md.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat
     runtime = Runtime(md, backend, engine=engine, options=options)

@@ -23,6 +23,7 @@ from tiny import tiny_config, write_model
 from ondevice.apps.cli import cli
 from ondevice.backends.numpy_backend import NumpyOps, _Linear
 from ondevice.batch import BatchInput
+from ondevice.bench.verify_coreml import verify_coreml
 from ondevice.converters.coreml import MANIFEST_NAME, _ct, export_coreml, read_manifest
 from ondevice.converters.coreml.exporter import to_mlmodel
 from ondevice.converters.coreml.interpreter import (
@@ -33,7 +34,6 @@ from ondevice.converters.coreml.interpreter import (
 )
 from ondevice.converters.coreml.mil_ops import MilLinear, MilOps, SymbolicBatch
 from ondevice.converters.coreml.package import BlobFile, TensorType
-from ondevice.bench.verify_coreml import verify_coreml
 from ondevice.errors import ModelFormatError, OndeviceError, UnsupportedModelError
 
 ct = _ct.coremltools()

@@ -13,8 +13,8 @@ from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
 from ondevice.engine import Engine
 from ondevice.modeldir import ModelDir
-from ondevice.settings import backend_options
 from ondevice.sampling import SamplingParams
+from ondevice.settings import backend_options
 
 # Constructor keywords per backend: float32 arithmetic, MLX on its CPU device.
 FLOAT32 = {"mlx": {"device": "cpu", "dtype": "float32"}, "wgpu": {"dtype": "float32"}}

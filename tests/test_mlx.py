@@ -33,6 +33,7 @@ if not available_backends()["mlx"][0]:
 from ondevice.backends import mlx_backend  # noqa: E402
 from ondevice.backends.mlx_backend import MlxBackend  # noqa: E402
 
+
 def cpu_f32(**kw) -> MlxOptions:
     return MlxOptions(device="cpu", dtype="float32", **kw)
 

@@ -10,6 +10,8 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..default_model import default_model_dir, home, packaged_gguf, resolve_model
 from ..errors import OndeviceError
 from ..modeldir import ModelDir
@@ -224,3 +226,19 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+# -- prompts -------------------------------------------------------------------------------
+def make_prompts(vocab_size: int, special: set[int], count: int, length: int,
+                 seed: int) -> list[list[int]]:
+    """``count`` distinct random prompts of ``length`` ids (no special tokens), so neither
+    the prefix cache nor a peer's prompt cache can shortcut a prefill."""
+    rng = np.random.default_rng(seed)
+    low = min(100, vocab_size // 4)
+    out = []
+    for _ in range(count):
+        ids: list[int] = []
+        while len(ids) < length:
+            ids += [int(t) for t in rng.integers(low, vocab_size, length) if int(t) not in special]
+        out.append(ids[:length])
+    return out

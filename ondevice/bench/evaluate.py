@@ -163,13 +163,12 @@ class _Loaded:
     """A model on one backend with a KV pool just large enough for the evaluation."""
 
     def __init__(self, path: Path, backend: str, tokens_needed: int):
-        import ondevice
-
+        from ..api import load
         from ..config import ModelConfig
 
         config = ModelConfig.from_file(path / "config.json")
         per_token = backend_class(backend).kv_bytes_per_token(config)
-        self.model = ondevice.load(path, backend=backend, quiet=True,
+        self.model = load(path, backend=backend, quiet=True,
                                    kv_memory=per_token * (tokens_needed + 64))
 
     def logits(self, ids: list[int]) -> np.ndarray:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..memory import peak_rss_bytes
-from .common import cpu_threads, reset_peak_rss
+from .common import cpu_threads, make_prompts, reset_peak_rss
 
 
 def default_threads() -> int:
@@ -192,7 +192,6 @@ def run_peers(s, paths: dict[str, Path], gguf: Path | None, threads: int,
               tick: Callable[[str], None]) -> list[dict]:
     """Every peer on the same prompt as ours: llama.cpp once, mlx-lm per quantization."""
     from ..modeldir import ModelDir
-    from .run import make_prompts
 
     md = ModelDir(next(iter(paths.values())))
     try:

@@ -7,14 +7,15 @@
 - :class:`Policy` and :class:`RoutedModel`: ``ondevice.load(model, policy="auto")``.
 """
 
-from .cloud import CloudChunk, CloudClient, CloudConfig, Secret, reachable
+from .cloud import CloudChunk, CloudClient, CloudConfig, CloudEstimate, Secret, reachable
 from .decide import MODES, Decision, Request, decide
 from .device import DeviceProfile, GPUAdapter, shipped_profiles
-from .estimate import CloudEstimate, LocalEstimate, estimate_local
+from .estimate import LocalEstimate, estimate_local
 from .model import ModelRequirements, synthetic
-from .router import Policy, RoutedModel, RouteInfo
+from .router import Policy, RoutedModel, RouteInfo, load_routed
 
 __all__ = [
+    "load_routed",
     "MODES", "CloudChunk", "CloudClient", "CloudConfig", "CloudEstimate", "Decision",
     "DeviceProfile", "GPUAdapter", "LocalEstimate", "ModelRequirements", "Policy", "Request",
     "RouteInfo", "RoutedModel", "Secret", "decide", "estimate_local", "reachable",

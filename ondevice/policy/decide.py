@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cloud import CloudConfig
+from .cloud import CloudConfig, CloudEstimate
 from .device import LOCAL_BACKENDS, DeviceProfile
-from .estimate import CloudEstimate, LocalEstimate, estimate_local
+from .estimate import LocalEstimate, estimate_local
 from .model import ModelRequirements
 
 MODES = ("prefer_local", "only_local", "prefer_cloud", "only_cloud")

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyConfigError
+from .measured import cpu_name, load_calibration, measured_bandwidth, run_command
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -167,13 +167,12 @@ class DeviceProfile:
         """
         import psutil
 
-        from .calibrate import load_calibration, measured_bandwidth
 
         system = {"darwin": "macos", "win32": "windows"}.get(sys.platform, sys.platform)
         arch = platform.machine() or "unknown"
         vm = psutil.virtual_memory()
         chip = _apple_chip() if system == "macos" and arch == "arm64" else None
-        cpu = f"Apple {chip}" if chip else _cpu_name()
+        cpu = f"Apple {chip}" if chip else cpu_name()
         cores = psutil.cpu_count(logical=True) or os.cpu_count() or 1
         bandwidth, measured = None, False
         if chip:
@@ -248,39 +247,19 @@ def _default_available(total: int) -> int:
     return max(total - max(total // 4, 2 << 30), total // 2)
 
 
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _apple_chip() -> str | None:
     # "Apple M2 Pro" on Apple Silicon, from the CPU brand string.
-    brand = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+    brand = run_command(["sysctl", "-n", "machdep.cpu.brand_string"])
     return brand.removeprefix("Apple ").strip() or None
-
-
-def _cpu_name() -> str:
-    if sys.platform.startswith("linux"):
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-    if sys.platform == "darwin":
-        return _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.processor()
-    return platform.processor() or "unknown"
 
 
 def _power_state(system: str) -> tuple[bool, str | None]:
     """Low-power mode and thermal state where the OS tells (macOS pmset); else unknown."""
     if system != "macos":
         return False, None
-    low = _run(["pmset", "-g"])
+    low = run_command(["pmset", "-g"])
     low_power = bool(re.search(r"lowpowermode\s+1", low))
-    therm = _run(["pmset", "-g", "therm"])
+    therm = run_command(["pmset", "-g", "therm"])
     thermal = "nominal"
     m = re.search(r"CPU_Speed_Limit\s*=\s*(\d+)", therm)
     if m and int(m.group(1)) < 100:

@@ -91,20 +91,6 @@ class LocalEstimate:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class CloudEstimate:
-    """The cloud endpoint for one request, from its configuration."""
-
-    endpoint: str
-    ttft_s: float
-    decode_tps: float
-    total_s: float
-    cost_usd: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def usable_memory(profile: DeviceProfile) -> int:
     """Memory a request may plan for: what the OS can give now (and at most an app's limit on a
     phone), less the headroom."""
