@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import wgpu
 
-from ondevice.backends.wgpu_backend import WgpuBackend, choose_adapter
+from ondevice.backends.wgpu import WgpuBackend, WgpuOptions, choose_adapter
 from ondevice.batch import BatchInput
 from ondevice.modeldir import ModelDir
 
@@ -228,7 +228,8 @@ def main() -> None:
     for label, path, dtype in (("f32", f32_dir, "float32"), ("f16", f32_dir, "float16"),
                                ("q4", q4_dir, "float32")):
         md = ModelDir(path)
-        be = WgpuBackend(md, num_blocks=blocks, block_size=16, dtype=dtype)
+        be = WgpuBackend(md, num_blocks=blocks, block_size=16,
+                         options=WgpuOptions(dtype=dtype))
         if label == "f32":
             result["stream_read_ceiling"] = bench_stream(be)
         result["gemv"][f"wgpu {label}"] = bench_gemv(be, args.reps)

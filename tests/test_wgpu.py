@@ -38,10 +38,10 @@ if not _ok:
         pytest.fail(f"wgpu must run in CI: {_why}", pytrace=False)
     pytest.skip(_why, allow_module_level=True)
 
-from ondevice.backends import wgpu_backend  # noqa: E402
-from ondevice.backends.wgpu_backend import WgpuBackend  # noqa: E402
+from ondevice.backends.wgpu import WgpuBackend, WgpuOptions  # noqa: E402
+from ondevice.backends.wgpu import adapter as wgpu_adapter  # noqa: E402
 
-F32 = {"dtype": "float32"}
+F32 = {"options": WgpuOptions(dtype="float32")}
 HAS_F16 = "float16" in WgpuBackend.dtypes()
 
 
@@ -79,19 +79,45 @@ def test_backends_lists_every_adapter_and_the_one_used():
     r = CliRunner().invoke(cli, ["backends"])
     assert r.exit_code == 0, r.output
     lines = [ln.strip() for ln in r.output.splitlines() if "wgpu adapter:" in ln]
-    assert len(lines) == len(wgpu_backend.list_adapters()) >= 1
+    assert len(lines) == len(wgpu_adapter.all_adapters()) >= 1
     assert sum(ln.endswith("<- used") for ln in lines) == 1
-    used = wgpu_backend._info(wgpu_backend.choose_adapter())
+    used = wgpu_adapter.adapter_info(wgpu_adapter.choose_adapter())
     assert any(used.describe() in ln and ln.endswith("<- used") for ln in lines)
     wgpu_line = next(ln for ln in r.output.splitlines() if ln.startswith("wgpu "))
     assert "available" in wgpu_line and used.name in wgpu_line
 
 
 def test_adapter_chosen_by_name(monkeypatch):
-    first = wgpu_backend.list_adapters()[0]
+    first = wgpu_adapter.adapter_info(wgpu_adapter.all_adapters()[0])
     monkeypatch.setenv("ONDEVICE_WGPU_ADAPTER", first.backend_type.upper())
     ok, device = WgpuBackend.availability()
     assert ok and first.backend_type in device
+
+
+def test_options_win_over_the_environment(model_dir, monkeypatch):
+    first = wgpu_adapter.adapter_info(wgpu_adapter.all_adapters()[0])
+    monkeypatch.setenv("ONDEVICE_WGPU_ADAPTER", "no-such-gpu-9000")
+    monkeypatch.setenv("ONDEVICE_WGPU_DTYPE", "float64")
+    opts = WgpuOptions(adapter=first.backend_type, dtype="float32")
+    assert WgpuBackend.availability(opts)[0]
+    be = WgpuBackend(model_dir, num_blocks=4, options=opts)
+    assert be.dtype_name == "float32" and be.adapter_info.backend_type == first.backend_type
+    assert be.describe()["device"] == first.describe()
+
+
+def test_adapter_probe_prints_nothing_and_leaves_the_environment_alone():
+    """Enumerating adapters probes OpenGL through EGL, whose Wayland connection complains on
+    stderr without XDG_RUNTIME_DIR (Mesa 25; a relative WAYLAND_DISPLAY makes it look there
+    even on a machine without libwayland-egl); the probes run with a private one."""
+    code = ("import os; from ondevice.backends.wgpu import adapter_report; "
+            "print(len(adapter_report())); print(os.environ.get('XDG_RUNTIME_DIR'))")
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["WAYLAND_DISPLAY"] = "wayland-0"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "XDG_RUNTIME_DIR" not in p.stderr
+    assert p.stdout.split()[1] == "None"
 
 
 def test_unknown_adapter_is_a_clear_error(model_dir, monkeypatch, tiny_model_dir):
@@ -112,11 +138,14 @@ def test_dtype_choices(model_dir, monkeypatch):
     assert not ok and "ONDEVICE_WGPU_DTYPE" in why
     monkeypatch.delenv("ONDEVICE_WGPU_DTYPE")
     with pytest.raises(BackendUnavailableError, match="bfloat16"):
-        WgpuBackend(model_dir, num_blocks=4, dtype="bfloat16")
+        WgpuBackend(model_dir, num_blocks=4, options=WgpuOptions(dtype="bfloat16"))
     be = WgpuBackend(model_dir, num_blocks=4)
     assert be.dtype_name == ("float16" if HAS_F16 else "float32")
+    f32_bytes = NumpyBackend.kv_bytes_per_token(model_dir.config)  # float32 KV
     assert WgpuBackend.kv_bytes_per_token(model_dir.config) == \
-        NumpyBackend.kv_bytes_per_token(model_dir.config, 2 if HAS_F16 else 4)
+        (f32_bytes // 2 if HAS_F16 else f32_bytes)
+    assert WgpuBackend.kv_bytes_per_token(model_dir.config, WgpuOptions(dtype="float32")) == \
+        f32_bytes
 
 
 def test_kv_pool_over_the_binding_limits_is_a_clear_error(model_dir):
@@ -133,7 +162,7 @@ def test_kv_pool_split_over_bindings_gives_the_same_results(model_dir):
     cfg = model_dir.config
     block_bytes = 8 * cfg.num_key_value_heads * cfg.head_dim * 4
     be = WgpuBackend(model_dir, num_blocks=12, block_size=8, max_binding=4 * block_bytes, **F32)
-    assert (be.kv_parts, be.blocks_per_part) == (3, 4)
+    assert (be.kv.parts, be.kv.blocks_per_part) == (3, 4)
     ref = NumpyBackend(model_dir, num_blocks=12, block_size=8)
     rng = np.random.default_rng(8)
     tables = [[11, 2, 5], [7, 0]]
@@ -166,12 +195,12 @@ def test_kv_pool_split_over_bindings_gives_the_same_results(model_dir):
 def test_default_kv_pool_is_clamped_to_the_bindings(tiny_model_dir, monkeypatch):
     cfg = ModelDir(tiny_model_dir).config
     cap = WgpuBackend.max_kv_blocks(cfg, 16)
-    limits = wgpu_backend.choose_adapter().limits
+    limits = wgpu_adapter.choose_adapter().limits
     per_block = WgpuBackend.kv_bytes_per_token(cfg) // (2 * cfg.num_hidden_layers) * 16
     parts = (limits["max-storage-buffers-per-shader-stage"] - 6) // 2
     assert cap == limits["max-storage-buffer-binding-size"] // per_block * parts
     # A default-sized pool larger than the cap is clamped; an explicit one is the user's call.
-    monkeypatch.setattr(WgpuBackend, "max_kv_blocks", classmethod(lambda cls, c, bs: 10))
+    monkeypatch.setattr(WgpuBackend, "max_kv_blocks", classmethod(lambda cls, c, bs, options=None: 10))
     model = ondevice.load(tiny_model_dir, backend="wgpu")
     assert model.runtime.backend.num_blocks == 10
     model.close()
@@ -191,7 +220,7 @@ def test_one_submit_per_step_and_no_new_gpu_objects_when_warm(model_dir, monkeyp
 
     def submit(bufs):
         # wgpu-py's buffer mapping submits an empty command list of its own: count ours.
-        if sys._getframe(1).f_globals["__name__"] == wgpu_backend.__name__:
+        if sys._getframe(1).f_globals["__name__"].startswith("ondevice.backends.wgpu."):
             submits.append(len(bufs))
         return real(bufs)
 
@@ -206,7 +235,8 @@ def test_one_submit_per_step_and_no_new_gpu_objects_when_warm(model_dir, monkeyp
 @pytest.mark.skipif(not HAS_F16, reason="the adapter has no shader-f16")
 def test_float16_forward_close_to_numpy(model_dir):
     prompt = np.random.default_rng(3).integers(3, model_dir.config.vocab_size, 45).tolist()
-    be = WgpuBackend(model_dir, num_blocks=32, block_size=8, dtype="float16")
+    be = WgpuBackend(model_dir, num_blocks=32, block_size=8,
+                     options=WgpuOptions(dtype="float16"))
     ref = NumpyBackend(model_dir, num_blocks=32, block_size=8)
     for got, want in zip(_steps(be, prompt, 3), _steps(ref, prompt, 3), strict=True):
         assert got.dtype == np.float32
@@ -220,7 +250,7 @@ def test_quantized_forward_matches_numpy(quant_dirs, bits, dtype):
         pytest.skip("the adapter has no shader-f16")
     md = quant_dirs[bits]
     prompt = np.random.default_rng(bits).integers(3, md.config.vocab_size, 37).tolist()
-    be = WgpuBackend(md, num_blocks=32, block_size=8, dtype=dtype)
+    be = WgpuBackend(md, num_blocks=32, block_size=8, options=WgpuOptions(dtype=dtype))
     assert be.params.layers[0].q_proj.quant == (md.config.quantization["group_size"], bits)
     ref = NumpyBackend(md, num_blocks=32, block_size=8)
     tol = 1e-7 if dtype == "float32" else 5e-4  # same dequantized values; f16 KV rounds
@@ -315,12 +345,8 @@ def test_cli_generate_with_wgpu(tiny_model_dir):
 # -- the real model -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_wgpu(real_model_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ONDEVICE_WGPU_DTYPE", "float32")
-    try:
-        model = ondevice.load(real_model_dir, backend="wgpu", kv_memory="64MiB")
-    finally:
-        mp.undo()
+    model = ondevice.load(real_model_dir, backend="wgpu", kv_memory="64MiB",
+                          options=WgpuOptions(dtype="float32"))
     assert model.runtime.backend.dtype_name == "float32"
     yield model
     model.close()
