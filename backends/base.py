@@ -103,6 +103,11 @@ class Backend(ABC):
         """(usable here, device description or the reason it is not)."""
         return True, "cpu"
 
+    @classmethod
+    def dtypes(cls, options: BackendOptions | None = None) -> tuple[str, ...]:
+        """The compute dtypes this backend can run here (its options may pick one)."""
+        return (cls.dtype_name,)
+
     def describe(self) -> dict[str, Any]:
         """What this loaded backend runs on: device, compute dtype, weight storage."""
         return {"backend": self.name, "device": self.availability()[1], "dtype": self.dtype_name}

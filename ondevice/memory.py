@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import resource
 import sys
+
+import psutil
 
 
 def _proc_status_kib(path: str, key: str) -> int | None:
@@ -20,14 +20,9 @@ def _proc_status_kib(path: str, key: str) -> int | None:
 
 
 def available_memory_bytes() -> int:
-    """Memory the OS can give without swapping (MemAvailable), or half of RAM elsewhere."""
-    kib = _proc_status_kib("/proc/meminfo", "MemAvailable:")
-    if kib is not None:
-        return kib * 1024
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    """Memory the OS can give without swapping (psutil's ``available``; MemAvailable on
+    Linux). The one source of this figure for the runtime, the policy and the bench."""
+    return int(psutil.virtual_memory().available)
 
 
 def peak_rss_bytes() -> int:
@@ -39,5 +34,11 @@ def peak_rss_bytes() -> int:
     kib = _proc_status_kib("/proc/self/status", "VmHWM:")
     if kib is not None:
         return kib * 1024
+    info = psutil.Process().memory_info()
+    peak = getattr(info, "peak_wset", None)  # Windows keeps the peak working set
+    if peak is not None:
+        return int(peak)
+    import resource  # POSIX without /proc (macOS): ru_maxrss, in bytes there
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
+    return rss if sys.platform == "darwin" else rss * 1024

@@ -31,9 +31,22 @@ export DEBIAN_FRONTEND=noninteractive
 target=()
 if [ -n "$backports" ]; then
   if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+    # The same mirror the system already uses for bookworm (deb822 or one-line sources).
+    mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '
+      /^URIs:/ {uri = $2}
+      /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == "bookworm") {print uri; exit}}
+      /^$/ {uri = ""}')
+    if [ -z "$mirror" ]; then
+      mirror=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list \
+        /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1)
+    fi
+    if [ -z "$mirror" ]; then
+      echo "system-deps: no Debian mirror configured for bookworm; add bookworm-backports" >&2
+      exit 1
+    fi
+    cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

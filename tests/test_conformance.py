@@ -69,7 +69,7 @@ def _variants() -> list[tuple[str, str, dict]]:
         out.append((name, name, {}))
         if name == "mlx" and device != "cpu":  # a Mac: the CPU device as well as Metal
             out.append(("mlx-cpu", "mlx", {"device": "cpu"}))
-        if name == "wgpu" and "float16" in backend_class(name).dtypes():
+        if name == "wgpu" and "float16" in backend_class(name).dtypes():  # declared in base
             out.append(("wgpu-f16", "wgpu", {"dtype": "float16"}))  # f16 weights and KV
         if name == "mlx":  # quantized matrices kept (mx.quantized_matmul), not expanded
             out.append(("mlx-keep-quantized", "mlx", {"quantized": "keep"}))

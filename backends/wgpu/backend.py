@@ -52,7 +52,8 @@ class WgpuBackend(Backend):
                          f16=self.f16, max_binding=self.max_binding)
         self.ops = WgpuOps(self.dev, self.kv, f16=self.f16, block_size=block_size,
                            max_binding=self.max_binding,
-                           max_positions=self.config.max_position_embeddings)
+                           max_positions=min(self.config.max_position_embeddings,
+                                             num_blocks * block_size))  # the pool's reach
         loader = WgpuLoader(self.dev, model_dir, f16=self.f16, max_binding=self.max_binding)
         self.params = self.model.load_params(model_dir, loader)
         self.ops.flush()

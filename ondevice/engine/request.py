@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from ..sampling import Sampler, SamplingParams
@@ -13,7 +12,6 @@ from ..tokenizer import IncrementalDetokenizer
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -57,7 +55,6 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     first_token_time: float | None = None

@@ -92,7 +92,7 @@ class Scheduler:
         """Preemption by recompute: drop the KV, keep the tokens, go first in the queue."""
         self.kv.free(seq.seq_id)
         seq.num_computed = 0
-        seq.status = Status.PREEMPTED
+        seq.status = Status.WAITING  # back in the queue; nothing tells the two apart
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
