@@ -18,11 +18,24 @@ class TokenizerError(OndeviceError):
 
 
 class SamplingError(OndeviceError, ValueError):
-    """Invalid sampling parameters."""
+    """Invalid sampling parameters. ``field`` names the :class:`~ondevice.SamplingParams`
+    field at fault (None when the error is not about one field, e.g. bad logits), so that
+    callers such as the HTTP server can point at the parameter without parsing the text."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class RequestError(OndeviceError, ValueError):
-    """A request cannot be served as asked (for example a prompt longer than the context)."""
+    """A request cannot be served as asked (for example a prompt longer than the context).
+
+    ``code`` is a stable machine-readable reason when there is one (``"model_closed"``: the
+    model was closed while the request ran or before it was submitted)."""
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class BackendUnavailableError(OndeviceError):

@@ -52,16 +52,16 @@ _F32 = np.float32
 def _check_real(name: str, value: object) -> float:
     # bool is an int subclass; `temperature=True` is a caller bug, not a number.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SamplingError(f"{name} must be a number, got {value!r}")
+        raise SamplingError(f"{name} must be a number, got {value!r}", field=name)
     value = float(value)
     if not math.isfinite(value):
-        raise SamplingError(f"{name} must be a finite number, got {value}")
+        raise SamplingError(f"{name} must be a finite number, got {value}", field=name)
     return value
 
 
 def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SamplingError(f"{name} must be an integer, got {value!r}")
+        raise SamplingError(f"{name} must be an integer, got {value!r}", field=name)
     return int(value)
 
 
@@ -123,80 +123,86 @@ class SamplingParams:
 
         max_tokens = _check_int("max_tokens", self.max_tokens)
         if max_tokens < 1:
-            raise SamplingError(f"max_tokens must be >= 1, got {max_tokens}")
+            raise SamplingError(f"max_tokens must be >= 1, got {max_tokens}", field="max_tokens")
         put("max_tokens", max_tokens)
 
         temperature = _check_real("temperature", self.temperature)
         if temperature < 0:
-            raise SamplingError(f"temperature must be >= 0, got {_fmt(temperature)}")
+            raise SamplingError(f"temperature must be >= 0, got {_fmt(temperature)}",
+                                field="temperature")
         put("temperature", temperature)
 
         top_k = _check_int("top_k", self.top_k)
         if top_k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 = off), got {top_k}")
+            raise SamplingError(f"top_k must be >= 0 (0 = off), got {top_k}", field="top_k")
         put("top_k", top_k)
 
         top_p = _check_real("top_p", self.top_p)
         if not 0 < top_p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1], got {_fmt(top_p)}")
+            raise SamplingError(f"top_p must be in (0, 1], got {_fmt(top_p)}", field="top_p")
         put("top_p", top_p)
 
         min_p = _check_real("min_p", self.min_p)
         if not 0 <= min_p <= 1:
-            raise SamplingError(f"min_p must be in [0, 1], got {_fmt(min_p)}")
+            raise SamplingError(f"min_p must be in [0, 1], got {_fmt(min_p)}", field="min_p")
         put("min_p", min_p)
 
         rep = _check_real("repetition_penalty", self.repetition_penalty)
         if rep <= 0:
-            raise SamplingError(f"repetition_penalty must be > 0, got {_fmt(rep)}")
+            raise SamplingError(f"repetition_penalty must be > 0, got {_fmt(rep)}",
+                                field="repetition_penalty")
         put("repetition_penalty", rep)
 
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_real(name, getattr(self, name))
             if not -2 <= value <= 2:
-                raise SamplingError(f"{name} must be in [-2, 2], got {_fmt(value)}")
+                raise SamplingError(f"{name} must be in [-2, 2], got {_fmt(value)}", field=name)
             put(name, value)
 
         if self.seed is not None:
             seed = _check_int("seed", self.seed)
             if seed < 0:
-                raise SamplingError(f"seed must be >= 0 or None, got {seed}")
+                raise SamplingError(f"seed must be >= 0 or None, got {seed}", field="seed")
             put("seed", seed)
 
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (list, tuple)):
-            raise SamplingError(f"stop must be a string or a list of strings, got {stop!r}")
+            raise SamplingError(f"stop must be a string or a list of strings, got {stop!r}",
+                                field="stop")
         for s in stop:
             if not isinstance(s, str) or not s:
-                raise SamplingError(f"stop must contain non-empty strings, got {s!r}")
+                raise SamplingError(f"stop must contain non-empty strings, got {s!r}", field="stop")
         put("stop", tuple(stop))
 
         ids = self.stop_token_ids
         if not isinstance(ids, (list, tuple)):
-            raise SamplingError(f"stop_token_ids must be a list of integers, got {ids!r}")
+            raise SamplingError(f"stop_token_ids must be a list of integers, got {ids!r}",
+                                field="stop_token_ids")
         checked = tuple(_check_int("stop_token_ids", i) for i in ids)
         for i in checked:
             if i < 0:
-                raise SamplingError(f"stop_token_ids must be >= 0, got {i}")
+                raise SamplingError(f"stop_token_ids must be >= 0, got {i}", field="stop_token_ids")
         put("stop_token_ids", checked)
 
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise SamplingError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise SamplingError(f"ignore_eos must be a bool, got {self.ignore_eos!r}",
+                                field="ignore_eos")
         put("ignore_eos", bool(self.ignore_eos))
 
         if self.logprobs is not None:
             logprobs = _check_int("logprobs", self.logprobs)
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise SamplingError(
-                    f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {logprobs}"
+                    f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {logprobs}",
+                    field="logprobs",
                 )
             put("logprobs", logprobs)
 
         n = _check_int("n", self.n)
         if n < 1:
-            raise SamplingError(f"n must be >= 1, got {n}")
+            raise SamplingError(f"n must be >= 1, got {n}", field="n")
         put("n", n)
 
     @classmethod

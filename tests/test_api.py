@@ -118,3 +118,36 @@ def test_n_samples_all_complete_through_the_stream(model):
     assert all(len(v) == 5 and v[-1].finish_reason == "length" for v in per.values())
     replies = model.generate("Hello", max_tokens=5, n=3, temperature=0.8, seed=1, ignore_eos=True)
     assert isinstance(replies, list) and len(replies) == 3
+
+
+def test_seeded_n2_same_alone_and_batched_with_preemption(tiny_model_dir):
+    """Issue 16 (9): a seeded n = 2 request gives the same samples alone and among 15 other
+    requests, even when a small KV pool makes the engine preempt and recompute."""
+    import threading
+
+    m = ondevice.load(tiny_model_dir, backend="numpy", kv_memory="256KiB", quiet=True)
+    try:
+        kw = dict(max_tokens=40, temperature=1.0, seed=3, n=2, ignore_eos=True)
+        alone = m.generate("Once upon a time", **kw)
+        before = m.stats()["preemptions"]
+
+        def other(i: int) -> None:
+            m.generate(f"Question {i}: what is {i} plus {i * 3}?", max_tokens=40,
+                       temperature=1.0, ignore_eos=True)
+
+        threads = [threading.Thread(target=other, args=(i,)) for i in range(15)]
+        for t in threads:
+            t.start()
+        batched = m.generate("Once upon a time", **kw)
+        for t in threads:
+            t.join(60)
+        assert batched == alone and alone[0] != alone[1]
+        assert m.stats()["preemptions"] > before  # the batch really was tight
+    finally:
+        m.close()
+
+
+def test_bad_sampling_params_name_the_field(model):
+    with pytest.raises(SamplingError) as info:
+        model.generate("hi", top_p=0)
+    assert info.value.field == "top_p"

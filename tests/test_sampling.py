@@ -84,8 +84,15 @@ def test_invalid_params_raise(kwargs: dict, name: str) -> None:
         SamplingParams(**kwargs)
     message = str(info.value)
     assert message.startswith(name)
+    assert info.value.field == name  # callers read the field, never parse the message
     assert "\n" not in message
     assert isinstance(info.value, ValueError)
+
+
+def test_errors_not_about_a_field_have_none() -> None:
+    with pytest.raises(SamplingError) as info:
+        Sampler(SamplingParams()).sample(np.array([np.nan, 1.0], dtype=F32))
+    assert info.value.field is None
 
 
 def test_error_message_names_range() -> None:
@@ -293,6 +300,26 @@ def test_seed_reproducibility() -> None:
     assert run(1234) == run(1234)
     assert run(1234) != run(4321)
     assert run(1234, index=0) != run(1234, index=1)  # the n sequences of a request differ
+
+
+def test_sample_streams_depend_on_seed_and_index_only() -> None:
+    """Sample i of a seeded request draws from SeedSequence(seed, spawn_key=(i,)) whatever
+    else is sampled in between (other rows of the batch, other requests): interleaving
+    other samplers' draws changes nothing."""
+    logits = [random_logits(i, 200, scale=1.0) for i in range(30)]
+    singles = [Sampler(SamplingParams(seed=5, n=2), index=i) for i in range(2)]
+    alone = [[s.sample(x).token_id for x in logits] for s in singles]
+    pair = [Sampler(SamplingParams(seed=5, n=2), index=i) for i in range(2)]
+    noise = [Sampler(SamplingParams(seed=s)) for s in range(15)]
+    got: list[list[int]] = [[], []]
+    for x in logits:
+        for s in noise:
+            s.sample(x)
+        for i in (1, 0):  # the engine samples forked children before their parent
+            got[i].append(pair[i].sample(x).token_id)
+    assert got == alone
+    one = Sampler(SamplingParams(seed=5, n=1))
+    assert [one.sample(x).token_id for x in logits] == alone[0]  # n does not change sample 0
 
 
 def test_unseeded_samplers_differ() -> None:

@@ -211,6 +211,57 @@ def test_n2_and_reproducible_seeds(client):
     assert others != {texts[0]}
 
 
+def test_seeded_n3_over_http_equals_the_python_api(model, client):
+    """n > 1 has one meaning: one request forked into n samples, sample i seeded with
+    SeedSequence(seed, spawn_key=(i,)), over HTTP exactly as through Model.generate."""
+    sampling = dict(max_tokens=12, temperature=1.0, n=3, seed=1234)
+    local = model.generate(CHAT, ignore_eos=True, **sampling)
+    assert isinstance(local, list) and len(set(local)) == 3
+    r = client.chat.completions.create(model=MODEL, messages=CHAT,
+                                       extra_body={"ignore_eos": True}, **sampling)
+    assert [c.message.content for c in r.choices] == local
+    assert [c.index for c in r.choices] == [0, 1, 2]
+
+    prompt = "Once upon a time"
+    local = model.generate(prompt, ignore_eos=True, **sampling)
+    r = client.completions.create(model=MODEL, prompt=prompt, extra_body={"ignore_eos": True},
+                                  **sampling)
+    assert [c.text for c in r.choices] == local
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, stream=True,
+                                           extra_body={"ignore_eos": True}, **sampling):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == local
+
+
+def test_seeded_n2_is_the_same_alone_and_batched(model, server, client):
+    """Issue 16 (9): sample 0 (and 1) of a seeded n = 2 request at temperature 1 do not
+    depend on which other requests share the engine's steps."""
+    kwargs = dict(model=MODEL, messages=CHAT, max_tokens=16, temperature=1.0, n=2, seed=99,
+                  extra_body={"ignore_eos": True})
+    alone = [c.message.content for c in client.chat.completions.create(**kwargs).choices]
+
+    async def batched() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused",
+                                     max_retries=0, timeout=60)
+        others = [aclient.chat.completions.create(
+            model=MODEL, max_tokens=24, temperature=1.0, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": f"Question {i}: {i} plus {i * 3}?"}])
+            for i in range(15)]
+        try:
+            *_, mine = await asyncio.wait_for(
+                asyncio.gather(*others, aclient.chat.completions.create(**kwargs)), 120)
+        finally:
+            await aclient.close()
+        return [c.message.content for c in mine.choices]
+
+    for _ in range(3):
+        assert asyncio.run(batched()) == alone
+    assert alone[0] != alone[1]
+    wait_pool_restored(model)
+
+
 def _stop_for(text: str) -> tuple[str, str]:
     m = re.search(r"[A-Za-z]{2}", text[3:])
     assert m, f"no usable stop string in {text!r}"
@@ -558,8 +609,14 @@ def test_cli_serve_calls_the_library(monkeypatch):
                                       "64MiB"])
     assert result.exit_code == 0, result.output
     assert seen["model"] == "some/dir" and seen["port"] == 9001 and seen["max_queue"] == 3
-    assert seen["api_key"] == "k" and seen["kv_memory"] == "64MiB"
+    assert seen["api_key"] == "k" and seen["engine"].kv_memory == 64 << 20
     assert seen["host"] == "127.0.0.1" and seen["backend"] == "auto"
+    assert tuple(seen["allowed_hosts"]) == ()
+    result = CliRunner().invoke(cli, ["serve", "--allowed-host", "box.local",
+                                      "--allowed-host", "10.0.0.7"])
+    assert result.exit_code == 0, result.output
+    assert tuple(seen["allowed_hosts"]) == ("box.local", "10.0.0.7")
     help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
-    for option in ("--host", "--port", "--max-queue", "--api-key", "--model", "--backend"):
+    for option in ("--host", "--port", "--max-queue", "--api-key", "--model", "--backend",
+                   "--allowed-host"):
         assert option in help_text

@@ -1,9 +1,19 @@
 """The OpenAI-compatible HTTP app (Starlette) over a model's shared continuous-batching engine.
 
-Every request goes to the one :class:`~ondevice.engine.EngineLoop` of the model, so concurrent
-clients are decoded together in one batch and share KV blocks of common prompt prefixes. The
-app is asyncio-only: engine outputs are handed from the engine thread to the event loop with
-``call_soon_threadsafe``.
+Every request goes through the model's one :class:`~ondevice.engine.AsyncEngine`, so
+concurrent clients are decoded together in one batch and share KV blocks of common prompt
+prefixes, and ``n > 1`` means what it means in the Python API: one engine request per prompt,
+forked into n samples with ``SeedSequence(seed, spawn_key=(i,))``. A seeded HTTP request
+therefore returns exactly the samples ``ondevice.load(...).generate()`` returns.
+
+A request is checked once: its body and parameters when parsed, its prompt by the engine when
+it is submitted (before the response starts, so a bad prompt is a 400, never a broken stream).
+
+Hostile clients: bodies are read with a hard byte limit whatever the transfer encoding, and
+within a time limit; text that certainly cannot fit the context is refused before it is
+tokenized; one request may not ask for more sequences than the server queues; JSON endpoints
+take only JSON content types (a browser's "simple" cross-origin POST is refused), and the
+``Host`` header must name this server (DNS rebinding); no CORS headers are sent.
 
 Disconnects: while a request runs, a task waits on the ASGI ``receive`` channel; the
 ``http.disconnect`` it gets when the client goes away cancels the request's work, which aborts
@@ -14,24 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..engine import AsyncEngine
+from ..engine.frontends import AsyncGeneration
 from ..engine.request import RequestOutput
 from ..errors import RequestError, TokenizerError
 from ..sampling import SamplingParams
@@ -43,8 +53,17 @@ DEFAULT_MAX_QUEUE = 256
 """Sequences that may wait for a place in the running batch before requests get 429."""
 
 MAX_BODY_BYTES = 16 << 20
+"""Largest request body read, chunked or not; past it the request gets 413."""
 
-MAX_SUBMIT_THREADS = 128
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a client has to send its whole request body (slow clients get 408)."""
+
+TOKEN_BYTES_MARGIN = 2
+"""Text is refused before tokenizing when it is longer than the context times the longest
+token's bytes times this margin (room for normalizers that shrink text)."""
+
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""``Host`` names always accepted, besides the address the connection came in on."""
 
 _COUNTERS = ("requests_total", "requests_rejected_queue_full", "requests_disconnected",
              "requests_failed")
@@ -56,101 +75,112 @@ def _shutting_down() -> P.APIError:
 
 
 # --------------------------------------------------------------------------------------------
-# Engine requests of one HTTP request
+# Host and content checks
 
 
-def _split(prompts: list[list[int]],
-           params: SamplingParams) -> list[tuple[list[int], SamplingParams]]:
-    """One single-sample engine request per choice, in choice order (prompt-major).
-
-    ``n > 1`` is served as ``n`` requests rather than the engine's own ``n``, so that every
-    choice is one engine request with its own queue index and abort. Sample ``j > 0`` gets a
-    seed derived from the request's (reproducible; sample 0 keeps the seed itself, so it
-    matches the same request with ``n=1``). Prefix caching still shares the prompt's full KV
-    blocks between them (the engine's ``n`` would also share the last, partial block).
-    """
-    if params.n == 1:
-        return [(ids, params) for ids in prompts]
-    samples = []
-    for j in range(params.n):
-        seed = params.seed
-        if seed is not None and j:
-            digest = hashlib.sha256(f"ondevice-sample:{seed}:{j}".encode()).digest()
-            seed = int.from_bytes(digest[:8], "little") >> 1
-        samples.append(dataclasses.replace(params, n=1, seed=seed))
-    return [(ids, sample) for ids in prompts for sample in samples]
+def _host_name(value: str) -> str:
+    """The name part of a ``Host`` header: ``[::1]:8000`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        return value.split(":", 1)[0]
+    return value
 
 
-class _Job:
-    """The engine requests of one HTTP request (one per choice), whose outputs arrive on one
-    asyncio queue as ``(choice_index, item)``.
+class HostGuard:
+    """ASGI middleware refusing requests whose ``Host`` header names another server.
 
-    Submission runs in a worker thread of ``executor``: ``EngineLoop.submit`` blocks until
-    the engine thread picks the request up between two steps, so the pool must be wide enough
-    for every waiting submission to catch the same step boundary. A done-callback records
-    each request id, so a job that is closed or cancelled while a submission is still in
-    flight aborts that request as soon as it exists instead of leaving it to run unobserved.
-    """
+    A web page can make a browser send requests to 127.0.0.1 under its own domain name (DNS
+    rebinding) and then read the replies; such requests carry the attacker's name in ``Host``.
+    Accepted: the address the connection came in on, ``localhost``, ``127.0.0.1``, ``::1``
+    and the names in ``allowed_hosts`` (``"*"`` accepts any)."""
 
-    def __init__(self, engine_loop, executor: ThreadPoolExecutor, prompts: list[list[int]],
-                 params: SamplingParams):
-        self.engine_loop = engine_loop
-        self.executor = executor
-        self.prompts = prompts
-        self.params = params
-        self.units = _split(prompts, params)
-        self.seqs = len(self.units)
-        self._aloop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[int | None, Any]] = asyncio.Queue()
-        self._rids: dict[int, str] = {}
-        self._finished: set[int] = set()
-        self._closed = False
+    def __init__(self, app, allowed_hosts: Iterable[str] = ()):
+        self.app = app
+        allowed = {_host_name(h) for h in allowed_hosts}
+        self.any_host = "*" in allowed
+        self.allowed = frozenset(allowed | set(DEFAULT_ALLOWED_HOSTS))
 
-    def _sink(self, i: int) -> Callable[[Any], None]:
-        def put(item: Any) -> None:  # runs on the engine thread
-            try:
-                self._aloop.call_soon_threadsafe(self._queue.put_nowait, (i, item))
-            except RuntimeError:
-                pass  # the event loop is closed: nobody is listening any more
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not self.any_host:
+            host = None
+            for key, value in scope.get("headers", ()):
+                if key == b"host":
+                    host = _host_name(value.decode("latin-1"))
+                    break
+            bound = scope.get("server") or (None, None)
+            bound_host = str(bound[0]).lower() if bound[0] else None
+            # No Host at all (HTTP/1.0) is not a browser: browsers always send one.
+            if host is not None and host not in self.allowed and host != bound_host:
+                shown = host if len(host) <= 60 else host[:57] + "..."
+                response = _json(P.error_body(
+                    f"the Host header {shown!r} does not name this server; start it with "
+                    f"--allowed-host {shown} to accept it", "invalid_request_error", None,
+                    "host_not_allowed"), 403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
-        return put
 
-    def _submitted(self, i: int, fut: asyncio.Future) -> None:
-        if fut.cancelled():  # only when the event loop itself is torn down
-            return
-        err = fut.exception()
-        if err is not None:
-            self._queue.put_nowait((i, err))
-        elif self._closed:
-            self.engine_loop.abort(fut.result(), wait=False)
-        else:
-            self._rids[i] = fut.result()
+def _check_json_content_type(request: Request) -> None:
+    """JSON endpoints take JSON only. Browsers send ``text/plain``, form encodings (and no
+    type at all, for a bare Blob) cross-origin without asking first (CORS "simple
+    requests"); refusing them keeps any web page from driving the model."""
+    value = request.headers.get("content-type", "")
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/")
+                                            and media.endswith("+json")):
+        shown = media or "none"
+        raise P.APIError(415, f"the request body must be JSON (Content-Type: "
+                              f"application/json), got {shown[:60]!r}",
+                         code="unsupported_media_type")
+
+
+# --------------------------------------------------------------------------------------------
+# The requests of one HTTP request
+
+
+@dataclass(eq=False)
+class _Admitted:
+    """One HTTP request's place in the queue: its sequences (prompts x n) and, once the
+    engine has them, its generation."""
+
+    seqs: int
+    gen: AsyncGeneration | None = None
+
+
+def _too_large() -> P.APIError:
+    # Connection: close, since the rest of the body is left unread on the socket.
+    return P.APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                      code="request_too_large", headers={"Connection": "close"})
+
+
+@dataclass(eq=False)
+class _Run:
+    """The engine side of one admitted HTTP request: its prompts and parameters, and its
+    outputs keyed by choice index (prompt-major: prompt i's sample j is choice i * n + j)."""
+
+    entry: _Admitted
+    prompts: list[list[int]]
+    params: SamplingParams
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every output of every choice, as they come. Closing this early aborts what is
-        still running."""
-        for i, (ids, params) in enumerate(self.units):
-            fut = self._aloop.run_in_executor(self.executor, self.engine_loop.submit, ids,
-                                              params, self._sink(i))
-            fut.add_done_callback(lambda f, i=i: self._submitted(i, f))
+        gen = self.entry.gen
+        assert gen is not None
         try:
-            while len(self._finished) < len(self.units):
-                i, item = await self._queue.get()
-                if isinstance(item, RequestOutput):
-                    yield i, item  # type: ignore[misc]
-                elif isinstance(item, BaseException):
-                    raise item
-                else:  # the engine loop's end-of-request marker
-                    self._finished.add(i)  # type: ignore[arg-type]
+            async for i, out in gen:
+                yield i * self.params.n + out.index, out
+        except RequestError as err:
+            if err.code == "model_closed":  # the model was closed under the server
+                raise _shutting_down() from None
+            raise
         finally:
-            self._closed = True
-            for i, rid in self._rids.items():
-                if i not in self._finished:
-                    self.engine_loop.abort(rid, wait=False)
-
-    def cancel(self, err: BaseException) -> None:
-        """End the job with ``err`` (raised to whoever reads :meth:`outputs`)."""
-        self._queue.put_nowait((None, err))
+            gen.abort()  # closed early (disconnect): free the blocks now
 
 
 @dataclass
@@ -244,6 +274,11 @@ def _endpoint(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Aw
             if err.status >= 500:
                 log.warning("%s %s: %s", request.method, request.url.path, err.message)
             return _error_response(err)
+        except ClientDisconnect:
+            # A client that hangs up mid-body is routine, not a server failure: one line.
+            log.info("%s %s: client disconnected before sending the whole body",
+                     request.method, request.url.path)
+            return Response(status_code=499)  # nobody will read it
         except Exception:
             log.exception("%s %s failed", request.method, request.url.path)
             return _json(P.error_body("internal server error", "server_error"), 500)
@@ -262,27 +297,32 @@ class OpenAIServer:
     mutable state is touched from the event loop only.
     """
 
-    def __init__(self, model, *, model_name: str, api_key: str | None, max_queue: int):
+    def __init__(self, model, *, model_name: str, api_key: str | None, max_queue: int,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if not body_timeout > 0:
+            raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout!r}")
         self.model = model
         self.runtime = model.runtime
+        self.front = AsyncEngine(self.runtime.loop)
         self.model_name = model_name
         self._api_key = api_key.encode() if api_key else None
         self.max_queue = max_queue
+        self.body_timeout = body_timeout
         self.max_running = self.runtime.engine.scheduler.max_num_seqs
         self.tokens = P.TokenStrings(model.tokenizer)
+        # Each token stands for at most this many bytes of text (UTF-8 of its piece, which
+        # over-counts byte-level pieces): text longer than context x this cannot fit.
+        vocab = model.tokenizer.backend.get_vocab(with_added_tokens=True)
+        self.max_token_bytes = max((len(p.encode()) for p in vocab), default=1) or 1
         self.fingerprint = f"ondevice-{model.backend}"
         self.created = int(time.time())
         self.closing = False
-        self.jobs: set[_Job] = set()
+        self.aborted_all = False
+        self.admitted: set[_Admitted] = set()
         self.seqs_in_flight = 0
         self.counters = dict.fromkeys(_COUNTERS, 0)
-        # Wide enough that every admitted sequence can wait for the next step boundary at
-        # once (a narrow pool admits a burst of clients a few per engine step).
-        self.submitter = ThreadPoolExecutor(
-            max_workers=min(MAX_SUBMIT_THREADS, self.max_running + max_queue),
-            thread_name_prefix="ondevice-submit")
 
     # -- checks -----------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -302,39 +342,69 @@ class OpenAIServer:
             raise P.APIError(404, f"the model {shown!r} does not exist; this server serves "
                                   f"{self.model_name!r}", param="model", code="model_not_found")
 
-    def validate(self, ids: list[int], params: SamplingParams, param: str) -> None:
-        try:
-            self.runtime.engine.validate(ids, params)  # reads immutable limits only
-        except RequestError as err:
-            too_long = len(ids) >= self.runtime.context_limit
-            raise P.invalid(param, str(err),
-                            "context_length_exceeded" if too_long else None) from None
+    @property
+    def max_request_seqs(self) -> int:
+        """Most sequences (prompts x n) one request may bring: the running batch plus the
+        queue. More could never be admitted without starving every other client."""
+        return self.max_running + self.max_queue
 
-    def admit(self, job: _Job) -> None:
-        """Take ``job`` in, or refuse it with 429 when the queue is full. Sequences beyond
-        the engine's running batch (``max_num_seqs``) wait; at most ``max_queue`` may."""
+    def check_size(self, num_prompts: int, n: int) -> None:
+        """Refuse (400) a request asking for more sequences than the server ever queues,
+        before any of its prompts is tokenized."""
+        seqs = num_prompts * max(n, 1)
+        if seqs > self.max_request_seqs:
+            raise P.invalid(
+                "n", f"the request asks for {seqs} sequences ({num_prompts} prompt(s) x n={n}); "
+                     f"this server takes at most {self.max_request_seqs} per request "
+                     f"(max_num_seqs {self.max_running} + max_queue {self.max_queue})",
+                "too_many_sequences")
+
+    def check_text(self, texts: Iterable[str], param: str) -> None:
+        """Refuse text that certainly exceeds the context before tokenizing it, so that the
+        work (time and memory) of tokenizing is bounded by the context, not the body."""
+        size = sum(len(t.encode("utf-8", errors="surrogatepass")) for t in texts)
+        limit = self.runtime.context_limit * self.max_token_bytes * TOKEN_BYTES_MARGIN
+        if size > limit:
+            raise P.invalid(
+                param, f"the prompt is {size} bytes of text, more than a context of "
+                       f"{self.runtime.context_limit} tokens can hold (the limit is "
+                       f"{self.runtime.context_limit - 1} tokens)",
+                "context_length_exceeded")
+
+    def admit(self, seqs: int) -> _Admitted:
+        """Take a request of ``seqs`` sequences in, or refuse it with 429 when the queue is
+        full. Sequences beyond the engine's running batch (``max_num_seqs``) wait; at most
+        ``max_queue`` may."""
         if self.closing:
             raise _shutting_down()
-        waiting = max(0, self.seqs_in_flight + job.seqs - self.max_running)
+        if seqs > self.max_request_seqs:  # checked earlier too; never admit past it
+            self.check_size(seqs, 1)
+        waiting = max(0, self.seqs_in_flight + seqs - self.max_running)
         if self.seqs_in_flight and waiting > self.max_queue:
             self.counters["requests_rejected_queue_full"] += 1
             raise P.APIError(
                 429, f"the server is busy ({self.seqs_in_flight} sequences in flight, "
                      f"max_queue {self.max_queue}); retry later",
                 type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        self.jobs.add(job)
-        self.seqs_in_flight += job.seqs
+        entry = _Admitted(seqs)
+        self.admitted.add(entry)
+        self.seqs_in_flight += seqs
         self.counters["requests_total"] += 1
+        return entry
 
-    def release(self, job: _Job) -> None:
-        if job in self.jobs:
-            self.jobs.remove(job)
-            self.seqs_in_flight -= job.seqs
+    def release(self, entry: _Admitted) -> None:
+        if entry in self.admitted:
+            self.admitted.remove(entry)
+            self.seqs_in_flight -= entry.seqs
+        if entry.gen is not None:
+            entry.gen.abort()  # no-op when it finished; frees the blocks if not
 
     def abort_all(self) -> None:
         """End every in-flight request with a 503 error (in-band for streams)."""
-        for job in list(self.jobs):
-            job.cancel(_shutting_down())
+        self.aborted_all = True
+        for entry in list(self.admitted):
+            if entry.gen is not None:
+                entry.gen.fail(_shutting_down())
 
     async def drain(self, timeout: float, should_stop: Callable[[], bool] = lambda: False,
                     ) -> None:
@@ -342,15 +412,15 @@ class OpenAIServer:
         finish, then abort the rest."""
         self.closing = True
         deadline = time.monotonic() + timeout
-        while self.jobs and time.monotonic() < deadline and not should_stop():
+        while self.admitted and time.monotonic() < deadline and not should_stop():
             await asyncio.sleep(0.05)
-        if self.jobs:
-            log.warning("aborting %d unfinished request(s) at shutdown", len(self.jobs))
+        if self.admitted:
+            log.warning("aborting %d unfinished request(s) at shutdown", len(self.admitted))
         self.abort_all()
 
     def server_stats(self) -> dict[str, int]:
         return {
-            "requests_in_flight": len(self.jobs),
+            "requests_in_flight": len(self.admitted),
             "sequences_in_flight": self.seqs_in_flight,
             "sequences_queued": max(0, self.seqs_in_flight - self.max_running),
             "max_queue": self.max_queue,
@@ -359,11 +429,32 @@ class OpenAIServer:
         }
 
     # -- routes -----------------------------------------------------------------------------
-    async def _read_json(self, request: Request) -> Any:
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, read with a hard byte limit whatever the transfer encoding (chunked
+        bodies have no Content-Length to check up front) and within ``body_timeout``."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise P.APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
+            raise _too_large()
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise _too_large()  # stop reading now: nothing more is buffered
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise P.APIError(408, f"the request body did not arrive within "
+                                  f"{self.body_timeout:g} seconds", code="request_timeout",
+                             headers={"Connection": "close"}) from None
+
+    async def _read_json(self, request: Request) -> Any:
+        _check_json_content_type(request)
+        raw = await self._read_body(request)
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as err:
@@ -373,6 +464,8 @@ class OpenAIServer:
         self.authorize(request)
         req = P.parse_chat(await self._read_json(request))
         self.check_model(req.options.model)
+        self.check_size(1, req.options.n)
+        self.check_text((m["content"] for m in req.messages), "messages")
         try:
             ids = await run_in_threadpool(self.model.encode_prompt, req.messages)
         except TokenizerError as err:
@@ -384,6 +477,10 @@ class OpenAIServer:
         self.authorize(request)
         req = P.parse_completion(await self._read_json(request))
         self.check_model(req.options.model)
+        self.check_size(len(req.prompts), req.options.n)
+        for p in req.prompts:  # each prompt must fit on its own
+            if isinstance(p, str):
+                self.check_text([p], "prompt")
 
         def encode() -> list[list[int]]:
             return [self.model.encode_prompt(p) for p in req.prompts]
@@ -395,51 +492,69 @@ class OpenAIServer:
         return await self._generate(request, False, prompts, req.options,
                                     P.COMPLETIONS_DEFAULT_MAX_TOKENS)
 
+    async def _submit(self, prompts: list[list[int]], params: SamplingParams,
+                      param: str) -> _Admitted:
+        """Admit (429 when full) and hand the prompts to the engine, which validates them
+        (400 here, before any response has started)."""
+        entry = self.admit(len(prompts) * params.n)
+        try:
+            entry.gen = await self.front.submit(prompts, params)
+        except RequestError as err:
+            self.release(entry)
+            if err.code == "model_closed":
+                raise _shutting_down() from None
+            too_long = any(len(ids) >= self.runtime.context_limit for ids in prompts)
+            raise P.invalid(param, str(err),
+                            "context_length_exceeded" if too_long else None) from None
+        except BaseException:
+            self.release(entry)
+            raise
+        if self.aborted_all:  # shut down while the engine was taking it
+            entry.gen.fail(_shutting_down())
+        return entry
+
     async def _generate(self, request: Request, chat: bool, prompts: list[list[int]],
                         options: P.GenerationOptions, default_max: int) -> Any:
         params = options.sampling_params(default_max)
-        for ids in prompts:
-            self.validate(ids, params, "messages" if chat else "prompt")
-        job = _Job(self.runtime.loop, self.submitter, prompts, params)
-        self.admit(job)
+        entry = await self._submit(prompts, params, "messages" if chat else "prompt")
+        run = _Run(entry, prompts, params)
         head = P.ResponseHeader.new("chatcmpl" if chat else "cmpl", self.model_name,
                                     self.fingerprint)
         if options.stream:
-            stream = _EventStream(self._stream(job, head, chat, options),
-                                  on_close=lambda: self._finish(job, stream.client_gone))
+            stream = _EventStream(self._stream(run, head, chat, options),
+                                  on_close=lambda: self._finish(entry, stream.client_gone))
             return stream
         try:
             result = await _unless_disconnected(request.receive,
-                                                self._collect(job, head, chat, options))
+                                                self._collect(run, head, chat))
         except BaseException:
             self.counters["requests_failed"] += 1
             raise
         finally:
-            self.release(job)
+            self.release(entry)
         if result is _GONE:
             self.counters["requests_disconnected"] += 1
             log.info("client disconnected; request aborted")
             return Response(status_code=499)  # nobody will read it
         return _json(result)
 
-    def _finish(self, job: _Job, client_gone: bool) -> None:
-        self.release(job)
+    def _finish(self, entry: _Admitted, client_gone: bool) -> None:
+        self.release(entry)
         if client_gone:
             self.counters["requests_disconnected"] += 1
             log.info("client disconnected; stream aborted")
 
-    def _usage(self, job: _Job, choices: list[_Choice], cached: list[int]) -> P.Usage:
+    def _usage(self, run: _Run, choices: list[_Choice], cached: list[int]) -> P.Usage:
         # A prompt counts once however many choices it has (as OpenAI counts it).
-        return P.Usage(sum(len(p) for p in job.prompts), sum(c.tokens for c in choices),
+        return P.Usage(sum(len(p) for p in run.prompts), sum(c.tokens for c in choices),
                        sum(cached))
 
-    async def _collect(self, job: _Job, head: P.ResponseHeader, chat: bool,
-                       options: P.GenerationOptions) -> dict[str, Any]:
-        n = job.params.n
-        choices = [_Choice() for _ in job.units]
-        cached = [0] * len(job.prompts)
-        want_logprobs = job.params.logprobs is not None
-        async with contextlib.aclosing(job.outputs()) as outputs:
+    async def _collect(self, run: _Run, head: P.ResponseHeader, chat: bool) -> dict[str, Any]:
+        n = run.params.n
+        choices = [_Choice() for _ in range(run.num_choices)]
+        cached = [0] * len(run.prompts)
+        want_logprobs = run.params.logprobs is not None
+        async with contextlib.aclosing(run.outputs()) as outputs:
             async for k, out in outputs:
                 c = choices[k]
                 cached[k // n] = max(cached[k // n], out.num_cached_tokens)
@@ -470,14 +585,14 @@ class OpenAIServer:
                              "finish_reason": c.finish_reason})
         obj = "chat.completion" if chat else "text_completion"
         return head.fields(obj) | {"choices": body,
-                                   "usage": self._usage(job, choices, cached).to_dict()}
+                                   "usage": self._usage(run, choices, cached).to_dict()}
 
-    async def _stream(self, job: _Job, head: P.ResponseHeader, chat: bool,
+    async def _stream(self, run: _Run, head: P.ResponseHeader, chat: bool,
                       options: P.GenerationOptions) -> AsyncIterator[bytes]:
-        n = job.params.n
-        choices = [_Choice() for _ in job.units]
-        cached = [0] * len(job.prompts)
-        want_logprobs = job.params.logprobs is not None
+        n = run.params.n
+        choices = [_Choice() for _ in range(run.num_choices)]
+        cached = [0] * len(run.prompts)
+        want_logprobs = run.params.logprobs is not None
         usage_on = options.include_usage
         chunk = P.chat_chunk if chat else P.completion_chunk
         try:
@@ -486,7 +601,7 @@ class OpenAIServer:
                     yield _sse(chunk(head, [{"index": k, "delta": {"role": "assistant",
                                                                     "content": ""},
                                              "logprobs": None, "finish_reason": None}], usage_on))
-            async with contextlib.aclosing(job.outputs()) as outputs:
+            async with contextlib.aclosing(run.outputs()) as outputs:
                 async for k, out in outputs:
                     c = choices[k]
                     cached[k // n] = max(cached[k // n], out.num_cached_tokens)
@@ -520,7 +635,7 @@ class OpenAIServer:
                 raise _shutting_down()
             if usage_on:
                 last = chunk(head, [], False)
-                last["usage"] = self._usage(job, choices, cached).to_dict()
+                last["usage"] = self._usage(run, choices, cached).to_dict()
                 yield _sse(last)
             yield b"data: [DONE]\n\n"
         except P.APIError as err:
@@ -582,7 +697,8 @@ def _prometheus(engine: dict[str, Any], server: dict[str, Any]) -> str:
 
 
 def create_app(model, *, model_name: str | None = None, api_key: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> Starlette:
+               max_queue: int = DEFAULT_MAX_QUEUE, allowed_hosts: Iterable[str] = (),
+               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> Starlette:
     """An ASGI app serving ``model`` (an :class:`ondevice.Model`) over the OpenAI API.
 
     Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streaming with SSE
@@ -596,21 +712,28 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
             name); requests naming another model get 404, requests naming none are served.
         api_key: when set, every route except ``/health`` needs ``Authorization: Bearer KEY``.
         max_queue: sequences that may wait beyond the engine's running batch
-            (``max_num_seqs``); requests past that get 429.
+            (``max_num_seqs``); requests past that get 429. One request may bring at most
+            ``max_num_seqs + max_queue`` sequences (prompts x n); more is a 400.
+        allowed_hosts: ``Host`` names accepted besides the address a connection came in on,
+            ``localhost``, ``127.0.0.1`` and ``::1`` (``"*"``: any). Others get 403, which
+            keeps DNS-rebinding web pages out.
+        body_timeout: seconds a client has to send its request body (then 408).
+
+    No CORS headers are sent, and JSON endpoints take only JSON content types, so a web page
+    in a browser can neither post to the server without a preflight nor read its replies.
 
     Serve it with uvicorn (asyncio), e.g. :func:`ondevice.server.serve` or
     :class:`ondevice.server.ServerThread`. On lifespan shutdown the requests still running
     are aborted.
     """
     state = OpenAIServer(model, model_name=model_name or model.path.name, api_key=api_key,
-                         max_queue=max_queue)
+                         max_queue=max_queue, body_timeout=body_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         state.closing = True
         state.abort_all()
-        state.submitter.shutdown(wait=False)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -627,6 +750,7 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
         Route("/metrics", _endpoint(state.metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers={HTTPException: http_error},
+                    middleware=[Middleware(HostGuard, allowed_hosts=tuple(allowed_hosts))])
     app.state.ondevice = state
     return app

@@ -172,15 +172,14 @@ class GenerationOptions:
                 logprobs=self.logprobs, n=self.n,
             )
         except SamplingError as err:
-            # SamplingParams' messages start with the field's name ("top_p must be in ...").
-            message = str(err)
-            name = message.split(" ", 1)[0]
+            # The error names its field; report it the way the client spelled it.
+            name = err.field
             renamed = {"max_tokens": self.max_tokens_param, "logprobs": self.logprobs_param}
-            param = renamed.get(name, name)
-            if param != name:
+            param = renamed.get(name, name) if name is not None else None
+            message = str(err)
+            if name is not None and param != name and message.startswith(name):
                 message = param + message[len(name):]
-            known = name in SamplingParams.__dataclass_fields__
-            raise invalid(param if known else None, message) from None
+            raise invalid(param, message) from None
 
 
 def _options(body: Mapping[str, Any], *, chat: bool) -> GenerationOptions:

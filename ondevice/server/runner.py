@@ -9,15 +9,18 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 import uvicorn
 
-from .app import DEFAULT_MAX_QUEUE, OpenAIServer, create_app
+from .app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_QUEUE, OpenAIServer, create_app
 
 log = logging.getLogger("ondevice.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
+"""Seconds an idle keep-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
 
 
 class _Uvicorn(uvicorn.Server):
@@ -50,7 +53,9 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, kv_memory: int | str | None = None,
           engine=None, options=None, max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
           model_name: str | None = None, drain_timeout: float = 30.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", allowed_hosts: Sequence[str] = (),
+          body_timeout: float = DEFAULT_BODY_TIMEOUT,
+          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT) -> None:
     """Serve a model over the OpenAI API until Ctrl-C or SIGTERM (blocking).
 
     Args:
@@ -63,8 +68,12 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
         api_key: require ``Authorization: Bearer KEY`` (all routes but ``/health``).
         model_name: the id clients pass as ``"model"`` (default: the model's name).
         drain_timeout: seconds in-flight requests get to finish at shutdown.
+        allowed_hosts: ``Host`` names accepted besides ``host``, localhost, 127.0.0.1 and
+            ::1 (``"*"``: any); see :func:`create_app`.
+        body_timeout: seconds a client has to send a request body (then 408).
+        keep_alive_timeout: seconds an idle connection is kept open.
     """
-    from .. import Model, load
+    from ..api import Model, load
     from ..default_model import DEFAULT_MODEL_NAME
 
     own = not isinstance(model, Model)
@@ -73,12 +82,15 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
     try:
         if model_name is None:
             model_name = DEFAULT_MODEL_NAME if model is None else m.path.name
-        app = create_app(m, model_name=model_name, api_key=api_key, max_queue=max_queue)
+        # The bound name is accepted as a Host too (e.g. --host myhost.local).
+        app = create_app(m, model_name=model_name, api_key=api_key, max_queue=max_queue,
+                         allowed_hosts=(host, *allowed_hosts), body_timeout=body_timeout)
         if not _is_loopback(host) and not api_key:
             log.warning("listening on %s without an API key: anyone who can reach this "
                         "address can use the model", host)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                lifespan="on", timeout_graceful_shutdown=5)
+                                lifespan="on", timeout_graceful_shutdown=5,
+                                timeout_keep_alive=keep_alive_timeout)
         shown = f"[{host}]" if ":" in host else host
         print(f"ondevice: serving {model_name!r} ({m.backend}) at http://{shown}:{port}/v1",
               file=sys.stderr, flush=True)
@@ -100,8 +112,10 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str = DEFAULT_HOST, port: int = 0, *,
-                 drain_timeout: float = 10.0, log_level: str = "warning"):
+                 drain_timeout: float = 10.0, log_level: str = "warning",
+                 keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT):
         self.app = app
+        self.keep_alive_timeout = keep_alive_timeout
         self.host = host
         self.port = port
         self.drain_timeout = drain_timeout
@@ -118,7 +132,8 @@ class ServerThread:
         self.port = sock.getsockname()[1]
         # log_config=None: leave the host application's logging configuration alone.
         config = uvicorn.Config(self.app, log_level=self.log_level, log_config=None,
-                                lifespan="on", timeout_graceful_shutdown=5)
+                                lifespan="on", timeout_graceful_shutdown=5,
+                                timeout_keep_alive=self.keep_alive_timeout)
         state = getattr(getattr(self.app, "state", None), "ondevice", None)
         self._server = server = _Uvicorn(config, state, self.drain_timeout)
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
