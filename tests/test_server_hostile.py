@@ -265,3 +265,29 @@ def test_close_while_requests_run_ends_them_with_an_error(tiny_model_dir):
     assert all(e.code == "model_closed" and "closed" in str(e) for e in errors)
     with pytest.raises(RequestError, match="closed"):
         m.generate("Hi", max_tokens=2)
+
+
+def test_close_under_the_server_ends_streams_with_an_error_event(tiny_model_dir):
+    """A model closed while the server streams from it: the stream ends with an error event
+    (503, server_shutting_down), not a cut reply that looks finished; new requests get 503."""
+    m = ondevice.load(tiny_model_dir, "numpy", kv_memory="8MiB", quiet=True)
+    forward = m.runtime.backend.forward
+
+    def slow_forward(batch):
+        time.sleep(0.01)  # a long reply takes seconds: time to close under it
+        return forward(batch)
+
+    m.runtime.backend.forward = slow_forward
+    body = {"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with ServerThread(create_app(m, model_name=MODEL)) as srv, httpx.Client(timeout=30) as http:
+        with http.stream("POST", srv.url + "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            m.close()
+            data = [line for line in lines if line.startswith("data: ")]
+        err = json.loads(data[-1][6:])["error"]
+        assert err["code"] == "server_shutting_down"
+        assert "data: [DONE]" not in data
+        late = http.post(srv.url + "/v1/completions", json={**body, "stream": False})
+        assert late.status_code == 503
