@@ -11,6 +11,7 @@ import click
 
 from ..backends import KNOWN as KNOWN_BACKENDS
 from ..errors import OndeviceError
+from ..settings import described
 
 SAMPLING_OPTIONS = [
     click.option("--temperature", type=float, default=0.7, show_default=True,
@@ -205,8 +206,8 @@ def _split(kwargs: dict) -> dict:
                    "local (never the cloud), cloud (falls back to local when offline). "
                    "/stats says where each reply ran.")
 @click.option("--cloud-url", default=None,
-              help="OpenAI-compatible endpoint for --policy [env: ONDEVICE_CLOUD_URL, or "
-                   "cloud.toml in the ondevice home; key: ONDEVICE_CLOUD_API_KEY].")
+              help="OpenAI-compatible endpoint for --policy, else cloud.toml in the ondevice "
+                   f"home {described('CLOUD_URL', 'CLOUD_API_KEY')}.")
 def chat(model, backend, system, max_tokens, prompt_cache, policy, cloud_url,
          **sampling) -> None:
     """Chat with a model. Without a terminal, reads stdin as one message and prints the reply."""
@@ -362,7 +363,7 @@ def info(model, as_json) -> None:
 @click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
               help="Sequences that may wait beyond the running batch before requests get 429.")
 @click.option("--api-key", default=None,
-              help="Require 'Authorization: Bearer KEY' [env: ONDEVICE_API_KEY].")
+              help=f"Require 'Authorization: Bearer KEY' {described('API_KEY')}.")
 @click.option("--model-name", default=None,
               help="The model id clients send [default: the model's name].")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
@@ -372,11 +373,11 @@ def serve(model, backend, host, port, max_queue, api_key, model_name, allowed_ho
           **flags) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
     from .. import server
-    from ..settings import env
+    from ..settings import server_api_key
 
     engine, options = _engine_settings(backend, **flags)
     server.serve(model, backend=backend, host=host, port=port, engine=engine, options=options,
-                 max_queue=max_queue, api_key=api_key or env("ONDEVICE_API_KEY"),
+                 max_queue=max_queue, api_key=api_key or server_api_key(),
                  model_name=model_name, allowed_hosts=allowed_hosts)
 
 

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from ..settings import described
+
 MODE_CHOICE = click.Choice(["prefer_local", "only_local", "prefer_cloud", "only_cloud"])
 
 
@@ -16,9 +18,22 @@ def _profile(path, cloud=None):
     from ..policy import DeviceProfile, reachable
 
     if path:
-        prof = DeviceProfile.load(path)
+        prof = _load_profile(DeviceProfile, path)
         return replace(prof, online=reachable(cloud)) if cloud is not None else prof
     return DeviceProfile.detect(cloud=cloud)
+
+
+def _load_profile(cls, path):
+    """``DeviceProfile.load``, with a file that is no profile at all (binary, or nested past
+    what the parser recurses into) reported as such, in one line."""
+    from ..errors import PolicyConfigError
+
+    try:
+        return cls.load(path)
+    except UnicodeDecodeError:
+        raise PolicyConfigError(f"device profile {path}: not a text file (binary data)") from None
+    except RecursionError:
+        raise PolicyConfigError(f"device profile {path}: nested too deeply to read") from None
 
 
 def _gb(n: float) -> str:
@@ -187,7 +202,7 @@ def explain(model, profile_path, prompt_tokens, max_tokens, private, mode, ttft_
         click.echo(f"  {'cloud':8} {'-':5} {'-':5} {'':>17} {c.decode_tps:>7.1f} t/s "
                    f"{c.ttft_s:>7.2f} s {c.total_s:>7.1f} s  ${c.cost_usd:.4f} at {c.endpoint}")
     else:
-        click.echo("  cloud: not configured (--cloud-url, ONDEVICE_CLOUD_URL or cloud.toml)")
+        click.echo(f"  cloud: not configured (--cloud-url, cloud.toml or {described('CLOUD_URL')})")
 
 
 def _clean(value):

@@ -55,6 +55,20 @@ def env_any(name: str) -> str | None:
     return value or None
 
 
+def server_api_key() -> str | None:
+    """The key ``ondevice serve`` requires when no ``--api-key`` is given."""
+    return env("ONDEVICE_API_KEY")
+
+
+def described(*names: str) -> str:
+    """``[env: A, B]`` for help texts (variable names kept in this module only)."""
+    full = [f"ONDEVICE_{n}" for n in names]
+    for name in full:
+        if name not in ENVIRONMENT:
+            raise KeyError(name)
+    return f"[env: {', '.join(full)}]"
+
+
 def home_dir() -> Path:
     """The ondevice home: ``$ONDEVICE_HOME``, else the platform's user cache directory."""
     value = env("ONDEVICE_HOME")

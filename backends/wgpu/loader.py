@@ -69,10 +69,11 @@ class WgpuLoader:
 
     def matrix(self, w) -> Matrix:
         dev = self.dev
+        if isinstance(w, QuantizedTensor) and w.bits not in PACKED_BITS:
+            # The kernels decode only codes that tile a 32-bit word (2/4/8 bits); other widths
+            # (5/6-bit GGUF imports) are dequantized at load to the compute dtype.
+            w = w.dequantize()
         if isinstance(w, QuantizedTensor):
-            if w.bits not in PACKED_BITS:
-                raise WgpuError(f"{w.bits}-bit weights: the wgpu kernels read "
-                                f"{', '.join(str(b) for b in sorted(PACKED_BITS))}-bit codes")
             out, inp = w.shape
             packed = np.asarray(w.weight, dtype=np.uint32)
             sb = np.stack([np.asarray(w.scales, F32), np.asarray(w.biases, F32)], axis=-1)

@@ -93,7 +93,7 @@ def model_variant(model: str | os.PathLike | None, quantize: str, *, group_size:
 
     The default model and GGUF files are converted from the GGUF (as ``ondevice`` does on first
     use); a model directory already in that format is used as it is, any other directory is
-    converted from its own weights into ``$ONDEVICE_HOME/bench``.
+    converted from its own weights into ``bench/`` in the ondevice home.
     """
     from ..converters import convert
 

@@ -196,7 +196,7 @@ class _Loaded:
 class _CoreML:
     """A Core ML export of the model, run anywhere by the NumPy MIL interpreter that
     ``ondevice.converters.coreml`` verifies packages with (Core ML itself runs only on
-    macOS). Exports are cached under ``$ONDEVICE_HOME/bench/coreml``."""
+    macOS). Exports are cached under ``bench/coreml`` in the ondevice home."""
 
     MODES = {"f16": "f16", "q8": "int8", "q4": "int4"}  # ours -> the exporter's
     CHUNK = 128  # tokens per predict call while scoring or prefilling
