@@ -37,7 +37,7 @@ def model(tiny_model_dir):
 def server(model):
     app = create_app(model, model_name=MODEL, max_queue=8, body_timeout=1.0,
                      allowed_hosts=["box.example"])
-    with ServerThread(app, keep_alive_timeout=0.5) as srv:
+    with ServerThread(app, keep_alive_timeout=0.5, header_timeout=1.0) as srv:
         yield srv
 
 
@@ -218,6 +218,36 @@ def test_idle_keep_alive_connection_is_closed(server):
         waited = time.monotonic() - start
     assert data.startswith(b"HTTP/1.1 200")
     assert waited < 5  # closed by the server, long before our 10 s socket timeout
+
+
+def test_slow_request_head_is_cut_off(server):
+    """Slowloris: a request head that never completes (header_timeout 1 s here), and a
+    connection that sends nothing at all."""
+    for partial in (b"POST /v1/completions HTTP/1.1\r\nHost: 127", b""):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            if partial:
+                sock.sendall(partial)
+            start = time.monotonic()
+            data = _read_all(sock)
+            waited = time.monotonic() - start
+        assert data == b"" and waited < 5, (partial, waited)
+
+
+def test_long_request_outlives_the_head_timeout(model, server, monkeypatch):
+    """The head timeout does not touch a request whose head has arrived."""
+    forward = model.runtime.backend.forward
+
+    def slow_forward(batch):
+        time.sleep(0.004)  # 400 steps: well past header_timeout (1 s)
+        return forward(batch)
+
+    monkeypatch.setattr(model.runtime.backend, "forward", slow_forward)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    start = time.monotonic()
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=400, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert time.monotonic() - start > 1.5
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 400
 
 
 def test_client_hanging_up_mid_body_logs_one_line(server, caplog):

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_QUEUE, OpenAIServer, create_app
 
@@ -21,6 +22,38 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 """Seconds an idle keep-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
+DEFAULT_HEADER_TIMEOUT = 10.0
+"""Seconds a connection has to send a complete request head (slowloris)."""
+
+
+class _H11WithHeadTimeout(H11Protocol):
+    """uvicorn's h11 protocol plus a request-head timeout. uvicorn times out idle
+    keep-alive connections, but a client that sends a request head one byte at a time (or
+    connects and sends nothing) would hold its connection forever."""
+
+    head_timeout = DEFAULT_HEADER_TIMEOUT
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self.loop.call_later(self.head_timeout, self._head_timed_out, self.cycle)
+
+    def _head_timed_out(self, cycle) -> None:
+        # Still the cycle the timer was armed on, and it is not running a request: no
+        # complete request head has arrived since.
+        idle = cycle is None or cycle.response_complete
+        if self.cycle is cycle and idle and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _protocol(head_timeout: float) -> type[H11Protocol]:
+    return type("H11Protocol", (_H11WithHeadTimeout,), {"head_timeout": head_timeout})
 
 
 class _Uvicorn(uvicorn.Server):
@@ -55,7 +88,8 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
           model_name: str | None = None, drain_timeout: float = 30.0,
           log_level: str = "info", allowed_hosts: Sequence[str] = (),
           body_timeout: float = DEFAULT_BODY_TIMEOUT,
-          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT) -> None:
+          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
     """Serve a model over the OpenAI API until Ctrl-C or SIGTERM (blocking).
 
     Args:
@@ -72,6 +106,7 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
             ::1 (``"*"``: any); see :func:`create_app`.
         body_timeout: seconds a client has to send a request body (then 408).
         keep_alive_timeout: seconds an idle connection is kept open.
+        header_timeout: seconds a connection has to send a complete request head.
     """
     from ..api import Model, load
     from ..default_model import DEFAULT_MODEL_NAME
@@ -90,7 +125,8 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
                         "address can use the model", host)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                 lifespan="on", timeout_graceful_shutdown=5,
-                                timeout_keep_alive=keep_alive_timeout)
+                                timeout_keep_alive=keep_alive_timeout,
+                                http=_protocol(header_timeout))
         shown = f"[{host}]" if ":" in host else host
         print(f"ondevice: serving {model_name!r} ({m.backend}) at http://{shown}:{port}/v1",
               file=sys.stderr, flush=True)
@@ -113,9 +149,11 @@ class ServerThread:
 
     def __init__(self, app, host: str = DEFAULT_HOST, port: int = 0, *,
                  drain_timeout: float = 10.0, log_level: str = "warning",
-                 keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT):
+                 keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT):
         self.app = app
         self.keep_alive_timeout = keep_alive_timeout
+        self.header_timeout = header_timeout
         self.host = host
         self.port = port
         self.drain_timeout = drain_timeout
@@ -133,7 +171,8 @@ class ServerThread:
         # log_config=None: leave the host application's logging configuration alone.
         config = uvicorn.Config(self.app, log_level=self.log_level, log_config=None,
                                 lifespan="on", timeout_graceful_shutdown=5,
-                                timeout_keep_alive=self.keep_alive_timeout)
+                                timeout_keep_alive=self.keep_alive_timeout,
+                                http=_protocol(self.header_timeout))
         state = getattr(getattr(self.app, "state", None), "ondevice", None)
         self._server = server = _Uvicorn(config, state, self.drain_timeout)
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
