@@ -12,9 +12,14 @@ it never emits half of a UTF-8 character and never emits a stop string.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ import jinja2.ext
 import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 
 from ondevice.errors import TokenizerError
 
@@ -134,18 +140,233 @@ class _GenerationTag(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+# Limits of one chat-template render. A template ships inside the model directory (or GGUF
+# metadata), so it is input like any other: it must not hang a request, pin a server thread
+# or build a string that takes the process down. Real templates use a tiny fraction of each.
+RENDER_TIME_LIMIT = 5.0
+"""Seconds of wall-clock time a render may take (checked at every loop iteration, call,
+attribute or item access, operator and output chunk)."""
+MAX_TEMPLATE_LOOP_ITERATIONS = 1_000_000
+"""``{% for %}`` iterations per render, all loops together."""
+MAX_TEMPLATE_OUTPUT = 32 << 20
+"""Characters a render may produce, and the largest string or list it may build on the way."""
+MAX_INT_BITS = 1 << 16
+"""Integer arithmetic beyond this many bits is refused (CPython's big-int math cannot be
+interrupted once started)."""
+
+# String methods and filters whose int arguments are output widths.
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_WIDTH_FILTERS = frozenset({"center", "indent", "wordwrap", "tojson"})
+_DIGITS = re.compile(r"\d{7,}")
+_BUDGET = threading.local()  # the render in progress on this thread, if any
+
+
+class _RenderBudget:
+    """What one render has spent: loop iterations, against a wall-clock deadline."""
+
+    __slots__ = ("deadline", "iterations")
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + RENDER_TIME_LIMIT
+        self.iterations = 0
+
+
+@contextmanager
+def _render_budget() -> Iterator[_RenderBudget]:
+    budget = _RenderBudget()
+    outer = getattr(_BUDGET, "current", None)
+    _BUDGET.current = budget
+    try:
+        yield budget
+    finally:
+        _BUDGET.current = outer
+
+
+def _limit_error(what: str) -> TokenizerError:
+    return TokenizerError(f"chat template stopped: {what}")
+
+
+def _tick(loop: bool = False) -> None:
+    """Spend from the current render's budget; outside a render (the compiler folding
+    constants) there is nothing to spend."""
+    budget = getattr(_BUDGET, "current", None)
+    if budget is None:
+        return
+    if loop:
+        budget.iterations += 1
+        if budget.iterations > MAX_TEMPLATE_LOOP_ITERATIONS:
+            raise _limit_error(f"more than {MAX_TEMPLATE_LOOP_ITERATIONS} loop iterations")
+    if time.monotonic() > budget.deadline:
+        raise _limit_error(f"rendering took longer than {RENDER_TIME_LIMIT:g} s")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_width(value: object) -> None:
+    if _is_int(value) and value > MAX_TEMPLATE_OUTPUT:
+        raise _limit_error(f"a width of {value} exceeds {MAX_TEMPLATE_OUTPUT} characters")
+
+
+def _check_format(fmt: object) -> None:
+    """A ``%`` or ``str.format`` format string must not ask for a wider field than the cap."""
+    if isinstance(fmt, str):
+        for digits in _DIGITS.findall(fmt[: 1 << 16]):
+            _check_width(int(digits))
+
+
+def _check_replace(text: object, old: object, new: object) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) \
+            and len(new) > len(old):
+        hits = text.count(old) if old else len(text) + 1
+        if len(text) + hits * (len(new) - len(old)) > MAX_TEMPLATE_OUTPUT:
+            raise _limit_error(f"replace() would exceed {MAX_TEMPLATE_OUTPUT} characters")
+
+
+def _check_join(separator: object, items: object) -> None:
+    if isinstance(separator, str) and hasattr(items, "__len__") \
+            and len(separator) * len(items) > MAX_TEMPLATE_OUTPUT:
+        raise _limit_error(f"join() would exceed {MAX_TEMPLATE_OUTPUT} characters")
+
+
+def _check_size(value: Any) -> Any:
+    """Strings and lists a template builds stay within the output cap."""
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_TEMPLATE_OUTPUT:
+        raise _limit_error(f"a value of {len(value)} items exceeds {MAX_TEMPLATE_OUTPUT}")
+    return value
+
+
+def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` behind the budget: clock checked, width arguments and result size capped."""
+    # Filters marked pass_context/pass_environment/pass_eval_context get that first, then
+    # the value; the arguments after the value are the filter's own.
+    skip = 2 if hasattr(func, "jinja_pass_arg") else 1
+
+    @functools.wraps(func)  # keeps jinja's pass_* marker
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        if name in _WIDTH_FILTERS:
+            for value in (*args[skip:], *kwargs.values()):
+                _check_width(value)
+        if name == "format" and len(args) >= skip:
+            _check_format(args[skip - 1])
+        if name == "replace" and len(args) >= skip + 2:
+            _check_replace(*args[skip - 1: skip + 2])
+        if name == "join" and len(args) >= skip + 1:
+            _check_join(args[skip], args[skip - 1])
+        return _check_size(func(*args, **kwargs))
+
+    return guarded
+
+
+@jinja2.pass_context
+def _loop_guard(context: Any, iterable: Any) -> Iterator[Any]:
+    """Wrapped around every ``{% for %}`` iterable: each iteration spends from the budget.
+    (``pass_context`` also keeps the compiler from calling it while folding constants.)"""
+    for item in iterable:
+        _tick(loop=True)
+        yield item
+
+
+@jinja2.pass_context
+def _size_guard(context: Any, value: Any) -> Any:
+    """Wrapped around every ``~`` concatenation, which the sandbox does not intercept."""
+    _tick()
+    return _check_size(value)
+
+
+_LOOP_GUARD = "_ondevice_loop_guard"
+_SIZE_GUARD = "_ondevice_size_guard"
+
+
+class _Guards(NodeTransformer):
+    """Rewrites a parsed template so that ``for x in E`` iterates ``E|_loop_guard`` and
+    ``a ~ b`` becomes ``(a ~ b)|_size_guard``. (A template may name these filters itself;
+    that only spends more of its own budget.)"""
+
+    @staticmethod
+    def _wrap(expr: jinja2.nodes.Expr, name: str) -> jinja2.nodes.Filter:
+        return jinja2.nodes.Filter(expr, name, [], [], None, None, lineno=expr.lineno)
+
+    def visit_For(self, node: jinja2.nodes.For) -> jinja2.nodes.For:
+        node = self.generic_visit(node)
+        node.iter = self._wrap(node.iter, _LOOP_GUARD)
+        return node
+
+    def visit_Concat(self, node: jinja2.nodes.Concat) -> jinja2.nodes.Filter:
+        return self._wrap(self.generic_visit(node), _SIZE_GUARD)
+
+
 class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, but an unsafe attribute is an error at once.
+    """The immutable sandbox, with an unsafe attribute an error at once, and bounded.
 
     The stock sandbox returns an Undefined for ``obj.__class__`` that only fails when it is
     used further, so ``{{ ''.__class__ }}`` would render as an empty string. A chat template
     has no business touching those attributes, so we fail loudly instead.
+
+    Bounded: every loop iteration, call, attribute or item access, operator and filter
+    spends from the render's budget (:data:`MAX_TEMPLATE_LOOP_ITERATIONS`,
+    :data:`RENDER_TIME_LIMIT`), and operators, filters and string methods that would build a
+    value larger than :data:`MAX_TEMPLATE_OUTPUT` are refused *before* they allocate it.
+    The budget lives in a thread-local, so one compiled template renders on many threads.
     """
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> jinja2.nodes.Template:
+        tree = _Guards().visit(super()._parse(source, name, filename))
+        tree.set_environment(self)
+        return tree
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _tick()
+        return super().getitem(obj, argument)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _tick()
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        receiver = getattr(method, "__self__", None)
+        if isinstance(receiver, str):
+            name = getattr(method, "__name__", "")
+            if name in _WIDTH_METHODS:
+                for value in (*args, *kwargs.values()):
+                    _check_width(value)
+            elif name in ("format", "format_map"):
+                _check_format(receiver)
+            elif name == "replace" and len(args) >= 2:
+                _check_replace(receiver, args[0], args[1])
+            elif name == "join" and args:
+                _check_join(receiver, args[0])
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _tick()
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and _is_int(times) \
+                        and len(seq) * times > MAX_TEMPLATE_OUTPUT:
+                    raise _limit_error(f"repeating {len(seq)} items {times} times exceeds "
+                                       f"{MAX_TEMPLATE_OUTPUT}")
+            if _is_int(left) and _is_int(right) and \
+                    left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise _limit_error(f"an integer product beyond {MAX_INT_BITS} bits")
+        elif operator == "**":
+            if _is_int(left) and _is_int(right) and abs(left) > 1 and \
+                    right * left.bit_length() > MAX_INT_BITS:
+                raise _limit_error(f"an integer power beyond {MAX_INT_BITS} bits")
+        elif operator == "%":
+            _check_format(left)
+        return _check_size(super().call_binop(context, operator, left, right))
 
 
 def _make_environment() -> jinja2.Environment:
@@ -155,9 +376,26 @@ def _make_environment() -> jinja2.Environment:
         extensions=[jinja2.ext.loopcontrols, _GenerationTag],
     )
     env.filters["tojson"] = _tojson
+    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
+    env.filters[_LOOP_GUARD] = _loop_guard
+    env.filters[_SIZE_GUARD] = _size_guard
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
+
+
+def _render_bounded(template: jinja2.Template, variables: dict[str, Any]) -> str:
+    """``template.render(**variables)`` within the render budget and the output cap."""
+    parts: list[str] = []
+    size = 0
+    with _render_budget():
+        for part in template.generate(**variables):
+            size += len(part)
+            if size > MAX_TEMPLATE_OUTPUT:
+                raise _limit_error(f"output longer than {MAX_TEMPLATE_OUTPUT} characters")
+            _tick()
+            parts.append(part)
+    return "".join(parts)
 
 
 def _validate_messages(messages: object) -> list[Mapping[str, Any]]:
@@ -322,6 +560,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"text to encode must be a string, got {type(text).__name__}")
         try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # lone surrogates, e.g. undecodable bytes read as text
+            raise TokenizerError(
+                f"text is not valid Unicode (lone surrogate at index {err.start}; binary input?)"
+            ) from None
+        try:
             ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as err:
             raise TokenizerError(f"cannot encode text: {_one_line(err)}") from None
@@ -363,6 +607,12 @@ class Tokenizer:
                 ) from None
             except jinja2.TemplateError as err:
                 raise TokenizerError(f"invalid chat template: {_one_line(err)}") from None
+            except RecursionError:  # e.g. thousands of nested {% if %}: the parser recurses
+                raise TokenizerError("invalid chat template: nested too deeply") from None
+            except Exception as err:  # e.g. Python's own compiler refusing the generated code
+                raise TokenizerError(
+                    f"invalid chat template: {type(err).__name__}: {_one_line(err)}"
+                ) from None
         return self._compiled
 
     def apply_chat_template(
@@ -397,7 +647,7 @@ class Tokenizer:
         variables["messages"] = _validate_messages(messages)
         variables["add_generation_prompt"] = bool(add_generation_prompt)
         try:
-            return template.render(**variables)
+            return _render_bounded(template, variables)
         except TokenizerError:
             raise  # raise_exception() from the template: its message is the message
         except SecurityError as err:
@@ -406,6 +656,8 @@ class Tokenizer:
             ) from None
         except jinja2.TemplateError as err:
             raise TokenizerError(f"chat template failed: {_one_line(err)}") from None
+        except RecursionError:  # a macro calling itself without end
+            raise TokenizerError("chat template failed: recursion too deep") from None
         except Exception as err:  # e.g. TypeError from `1 + 'a'` inside the template
             raise TokenizerError(
                 f"chat template failed: {type(err).__name__}: {_one_line(err)}"
