@@ -46,19 +46,29 @@ def save_prompt_cache(engine: Engine, token_ids: list[int], path: str | Path) ->
         score_tokens(engine, prefix, logits_for="last", register=True)
         blocks = _cached_blocks(engine, prefix)
     kv = engine.backend.read_blocks(blocks)
-    writer = SafetensorsWriter(
-        path, [("kv", np.float32, kv.shape), ("token_ids", np.int32, (num,))],
-        metadata={"format": FORMAT, "model_id": engine.model_id,
-                  "block_size": str(engine.block_size), "num_tokens": str(num)},
-    )
+    try:
+        writer = SafetensorsWriter(
+            path, [("kv", np.float32, kv.shape), ("token_ids", np.int32, (num,))],
+            metadata={"format": FORMAT, "model_id": engine.model_id,
+                      "block_size": str(engine.block_size), "num_tokens": str(num)},
+        )
+    except OSError as err:  # a missing directory, no permission, a full disk
+        raise RequestError(f"cannot write the prompt cache {path}: {_os_reason(err)}") from None
     try:
         writer.write("kv", kv.astype(np.float32, copy=False))
         writer.write("token_ids", np.asarray(prefix, dtype=np.int32))
         writer.close()
+    except OSError as err:
+        writer.abort()
+        raise RequestError(f"cannot write the prompt cache {path}: {_os_reason(err)}") from None
     except BaseException:
         writer.abort()
         raise
     return num
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or type(err).__name__
 
 
 def load_prompt_cache(engine: Engine, path: str | Path) -> int:
@@ -78,6 +88,12 @@ def load_prompt_cache(engine: Engine, path: str | Path) -> int:
             )
         if "kv" not in f or "token_ids" not in f or f.dtype("kv") != "F32":
             raise ModelFormatError(f"{path}: prompt cache without float32 kv and token_ids")
+        # Integer ids in one dimension: a float array could hold NaN, a 2-D one rows.
+        if f.dtype("token_ids") not in ("I32", "I64") or len(f.shape("token_ids")) != 1:
+            raise ModelFormatError(
+                f"{path}: token_ids must be a 1-D integer array, got {f.dtype('token_ids')} "
+                f"{list(f.shape('token_ids'))}"
+            )
         token_ids = [int(t) for t in f.get("token_ids")]
         kv = f.get("kv")
         expected = engine.backend.kv_block_shape(len(token_ids) // engine.block_size)
@@ -87,6 +103,10 @@ def load_prompt_cache(engine: Engine, path: str | Path) -> int:
                 f"(expected {list(expected)})"
             )
         engine.validate(token_ids)
+        # NaN/Inf in the KV would poison every request that reuses these cached blocks (and
+        # stay cached): refuse the file before a block is allocated.
+        if not np.isfinite(kv).all():
+            raise ModelFormatError(f"{path}: the prompt cache holds NaN or infinite KV values")
         rid = f"prompt-cache-load-{id(kv)}"
         try:
             if engine.kv.allocate_slots(rid, token_ids, len(token_ids)) is None:
