@@ -66,7 +66,9 @@ def run_repl(session: ChatSession) -> None:
             click.echo(f"error: {err}", err=True)
             continue
         route = getattr(session.model, "last_route", None)  # a policy-routed model
-        if route is not None and route.fallback_from:
+        # The CLI prints a notice the moment a reply falls back; without that hook, say so here.
+        if route is not None and route.fallback_from and \
+                getattr(session.model, "on_fallback", None) is None:
             click.echo(f"(this reply ran on {route.describe()})", err=True)
         if session.last.dropped_messages:
             click.echo(f"(the conversation outgrew the context: dropped the oldest "

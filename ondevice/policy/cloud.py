@@ -9,17 +9,19 @@ config file, and it only ever leaves this module as an ``Authorization`` header.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import sys
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import CloudError, PolicyConfigError
-from .estimate import CloudEstimate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,6 +32,62 @@ DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_API_KEY"
 CONFIG_ENV = "ONDEVICE_CLOUD_CONFIG"
 URL_ENV = "ONDEVICE_CLOUD_URL"
 MODEL_ENV = "ONDEVICE_CLOUD_MODEL"
+
+
+# Longest error detail from an endpoint kept in a CloudError message (after scrubbing).
+MAX_DETAIL = 200
+# Most of an error body read for that detail: a hostile endpoint may send gigabytes.
+MAX_ERROR_BODY = 64 << 10
+# A bearer token in any text the endpoint sends back (its reason phrase, its body).
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+")
+# Keys of every client made in this process; log records of httpx/httpcore are scrubbed of
+# them (httpx logs each response's reason phrase at INFO, httpcore response headers at DEBUG).
+_KEYS: set[str] = set()
+_KEYS_LOCK = threading.Lock()
+HTTP_LOGGERS = ("httpx", "httpcore", "httpcore.connection", "httpcore.http11",
+                "httpcore.http2", "httpcore.proxy", "httpcore.socks")
+
+
+def scrub(text: str, keys: tuple[str, ...] = ()) -> str:
+    """``text`` without any registered API key (or ``keys``) and without bearer tokens.
+    Scrub *before* truncating, so that a key cut in half cannot survive."""
+    with _KEYS_LOCK:
+        secrets = sorted({*keys, *_KEYS}, key=len, reverse=True)  # longest first: no partials
+    for key in secrets:
+        if key:
+            text = text.replace(key, "***")
+    return _BEARER.sub(r"\1***", text)
+
+
+def _truncate(text: str, limit: int = MAX_DETAIL) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _ScrubLogFilter(logging.Filter):
+    """Rewrites an httpx/httpcore log record whose text holds a key (a filter on a logger
+    sees only that logger's own records, hence one per logger name in HTTP_LOGGERS)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001  (a record that cannot format is not ours to fix)
+            return True
+        clean = scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+_LOG_FILTER = _ScrubLogFilter()
+
+
+def _register_key(key: str) -> None:
+    with _KEYS_LOCK:
+        _KEYS.add(key)
+    for name in HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LOG_FILTER not in logger.filters:
+            logger.addFilter(_LOG_FILTER)
 
 
 class Secret:
@@ -63,6 +121,20 @@ class Secret:
 
     def __deepcopy__(self, memo: dict) -> Secret:
         return self
+
+
+@dataclass(frozen=True)
+class CloudEstimate:
+    """The cloud endpoint for one request, from its configuration."""
+
+    endpoint: str
+    ttft_s: float
+    decode_tps: float
+    total_s: float
+    cost_usd: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -141,11 +213,18 @@ class CloudConfig:
             try:
                 text = p.read_text()
                 data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-            except (ValueError, tomllib.TOMLDecodeError) as err:
+            except (ValueError, tomllib.TOMLDecodeError, RecursionError) as err:
                 # The parser's message may quote the offending line, which may hold the key.
                 raise PolicyConfigError(f"cloud config {p}: cannot parse it "
                                         f"({type(err).__name__})") from None
+            except OSError as err:
+                raise PolicyConfigError(f"cloud config {p}: cannot read it "
+                                        f"({err.strerror})") from None
+            if not isinstance(data, dict):
+                raise PolicyConfigError(f"cloud config {p}: not a table of settings")
             data = data.get("cloud", data)
+            if not isinstance(data, dict):
+                raise PolicyConfigError(f"cloud config {p}: [cloud] is not a table")
         url = url or os.environ.get(URL_ENV)
         if url:
             data = dict(data, url=url)
@@ -191,6 +270,8 @@ class CloudClient:
         import httpx
 
         self.config = config
+        if config.api_key is not None:
+            _register_key(config.api_key.reveal())
         timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
         self._http = httpx.Client(timeout=timeout, transport=transport)
 
@@ -208,7 +289,11 @@ class CloudClient:
 
     def _scrub(self, text: str) -> str:
         key = self.config.api_key.reveal() if self.config.api_key else None
-        return text.replace(key, "***") if key else text
+        return scrub(str(text), (key,) if key else ())
+
+    def _detail(self, text: object) -> str:
+        """Text from the endpoint made fit for a message: scrubbed, then one line and cut."""
+        return _truncate(" ".join(self._scrub(str(text)).split()))
 
     def stream_chat(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[CloudChunk]:
         """Stream a chat completion of ``messages``. ``params``: OpenAI request fields
@@ -238,6 +323,10 @@ class CloudClient:
                         detail = self._error_detail(resp)
                         if (resp.status_code == 429 or resp.status_code >= 500) and not last:
                             continue
+                        if resp.status_code in (401, 403):
+                            detail += (" (check the API key: $" + self.config.api_key_env
+                                       + " or the cloud config)" if self.config.has_key
+                                       else " (no API key set: $" + self.config.api_key_env + ")")
                         raise CloudError(f"cloud endpoint {self.config.base_url} answered "
                                          f"{resp.status_code}: {detail}")
                     for chunk in self._events(resp, chat):
@@ -248,16 +337,23 @@ class CloudClient:
                 if started or last:
                     what = "stopped mid-reply" if started else "failed"
                     raise CloudError(f"cloud endpoint {self.config.base_url} {what}: "
-                                     f"{self._scrub(_describe(err))}") from None
+                                     f"{self._detail(_describe(err))}") from None
                 continue
 
     def _error_detail(self, resp) -> str:
+        msg: object = ""
         try:
-            resp.read()
-            msg = resp.json().get("error", {}).get("message", "")
+            body = b""
+            for part in resp.iter_bytes():
+                body += part
+                if len(body) >= MAX_ERROR_BODY:
+                    break
+            error = json.loads(body[:MAX_ERROR_BODY]).get("error", {})
+            msg = error.get("message", "") if isinstance(error, dict) else error
         except Exception:  # noqa: BLE001  (any body: only a hint for the message)
             msg = ""
-        return self._scrub(str(msg)[:200]) or resp.reason_phrase
+        # The reason phrase is the endpoint's text too (`HTTP/1.1 401 Bearer sk-...`).
+        return self._detail(msg) or self._detail(resp.reason_phrase)
 
     def _events(self, resp, chat: bool) -> Iterator[CloudChunk]:
         done = False
@@ -270,17 +366,26 @@ class CloudClient:
                 break
             try:
                 event = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):
+                event = None
+            if not isinstance(event, dict):
                 raise CloudError(f"cloud endpoint {self.config.base_url} sent a malformed "
                                  "event") from None
             if "error" in event:
-                msg = self._scrub(str(event["error"].get("message", "error"))[:200])
-                raise CloudError(f"cloud endpoint {self.config.base_url} stopped mid-reply: {msg}")
-            for choice in event.get("choices", ()):
-                text = (choice.get("delta", {}).get("content") if chat else choice.get("text"))
-                if text or choice.get("finish_reason"):
-                    yield CloudChunk(text or "", choice.get("finish_reason"),
-                                     int(choice.get("index", 0)))
+                error = event["error"]
+                msg = error.get("message", "error") if isinstance(error, dict) else error
+                raise CloudError(f"cloud endpoint {self.config.base_url} stopped mid-reply: "
+                                 f"{self._detail(msg)}")
+            try:
+                for choice in event.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") if chat else choice.get("text")
+                    if text or choice.get("finish_reason"):
+                        yield CloudChunk(str(text or ""), choice.get("finish_reason"),
+                                         int(choice.get("index", 0)))
+            except (AttributeError, TypeError, ValueError):
+                raise CloudError(f"cloud endpoint {self.config.base_url} sent a malformed "
+                                 "event") from None
         if not done:
             raise CloudError(f"cloud endpoint {self.config.base_url} stopped mid-reply: the "
                              "stream ended without [DONE]")

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..api import Chunk, Model, Prompt, Timings
+from ..api import Chunk, Model, Prompt, Timings, load
 from ..errors import BackendUnavailableError, CloudError, PolicyError, RequestError
 from ..sampling import SamplingParams
-from ..settings import BackendOptions
+from ..settings import BackendOptions, EngineConfig
 from .cloud import CloudChunk, CloudClient, CloudConfig, reachable
 from .decide import DEFAULT_BATTERY_THRESHOLD, MODES, Decision, Request, decide
 from .device import DeviceProfile
@@ -84,6 +84,11 @@ class RouteInfo:
             return f"{self.where} (fallback after {self.fallback_from} failed: {self.error})"
         return self.where
 
+    def notice(self) -> str:
+        """One line for a user when this reply fell back: what failed, why, where it runs."""
+        why = " ".join(str(self.error or "unknown error").split())
+        return f"({self.fallback_from} failed: {why}; falling back to {self.where})"
+
 
 class RoutedModel:
     """A model placed per request by a :class:`Policy` (see the module docstring)."""
@@ -111,6 +116,9 @@ class RoutedModel:
         self.timings = Timings()
         self.last_route: RouteInfo | None = None
         self.routes: dict[str, int] = {}
+        # Called with the route when a reply falls back to the other side, before its first
+        # chunk (the CLI prints RouteInfo.notice() on stderr): a fallback is never silent.
+        self.on_fallback: Callable[[RouteInfo], None] | None = None
 
     def __repr__(self) -> str:
         cloud = self.policy.cloud.base_url if self.policy.cloud else None
@@ -171,8 +179,6 @@ class RoutedModel:
         with self._lock:
             if self._local is not None:
                 return self._local
-            from ..api import load
-
             # The backend for a typical request (weights dominate; the size barely matters).
             n = max(min(256, self.requirements.context_length // 4), 1)
             typical = Request(prompt_tokens=n, max_new_tokens=n, mode="only_local")
@@ -262,6 +268,11 @@ class RoutedModel:
         if not self.routes[key]:
             del self.routes[key]
 
+    def _fell_back(self, route: RouteInfo) -> None:
+        self._record(route)
+        if self.on_fallback is not None:
+            self.on_fallback(route)
+
     # -- the two sides -----------------------------------------------------------------------
     def _local_then_cloud(self, prompt, ids, params, decision: Decision, allow: bool):
         yielded = False
@@ -286,8 +297,8 @@ class RoutedModel:
                 raise PolicyError(f"local generation failed ({reason}); the request may not go "
                                   "to the cloud (private or only_local)") from local_err
             raise local_err
-        self._record(RouteInfo(f"cloud:{decision.endpoint}", decision, f"local:{decision.backend}",
-                               reason))
+        self._fell_back(RouteInfo(f"cloud:{decision.endpoint}", decision,
+                                  f"local:{decision.backend}", reason))
         yield from self._cloud_chunks(prompt, ids, params)
 
     def _cloud_then_local(self, prompt, ids, params, decision: Decision, allow: bool):
@@ -315,8 +326,8 @@ class RoutedModel:
         done = self.tokenizer.encode(partial) if partial else []
         remaining = params.max_tokens - len(done)
         model = self.load_local()
-        self._record(RouteInfo(f"local:{model.backend}", decision, f"cloud:{decision.endpoint}",
-                               str(cloud_err)))
+        self._fell_back(RouteInfo(f"local:{model.backend}", decision,
+                                  f"cloud:{decision.endpoint}", str(cloud_err)))
         if remaining <= 0:
             yield Chunk("", None, "length")
             return
@@ -370,3 +381,16 @@ def _refresh_power(profile: DeviceProfile) -> DeviceProfile:
         return profile
     return replace(profile, battery_percent=float(battery.percent),
                    charging=bool(battery.power_plugged))
+
+
+def load_routed(model: Any, backend: str, policy: Any, *, engine: EngineConfig | None = None,
+                options: Any = None, quiet: bool = False, **engine_fields: Any) -> RoutedModel:
+    """``ondevice.load(model, policy=...)``: a :class:`RoutedModel` over ``model`` (a directory,
+    a GGUF file, or None for the default model) with the engine settings a local load uses."""
+    from ..default_model import resolve_model
+
+    if not isinstance(policy, Policy):
+        policy = Policy.named(str(policy))
+    engine = (engine or EngineConfig()).merged(**engine_fields)
+    path = resolve_model(model, quiet=quiet)
+    return RoutedModel(path, policy, backend, dict(engine=engine, options=options))
