@@ -125,6 +125,9 @@ class _Group(click.Group):
         except RecursionError:
             # Deeply nested input (JSON headers, templates) that a parser recursed into.
             raise click.ClickException("input nested too deeply to read") from None
+        except MemoryError as err:
+            # A size the input asked for that this machine cannot hold (NumPy says how much).
+            raise click.ClickException(" ".join(f"out of memory: {err}".split())) from None
         except KeyboardInterrupt:
             click.echo("", err=True)
             ctx.exit(130)

@@ -59,6 +59,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise TokenizerError(f"cannot read {path}: {_one_line(err)}") from None
+    except RecursionError:  # json's C decoder recurses once per nesting level
+        raise TokenizerError(f"cannot read {path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"cannot read {path}: expected a JSON object")
     return data

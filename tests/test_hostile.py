@@ -604,3 +604,23 @@ def test_chat_policy_cloud_says_when_it_falls_back(tiny_model_dir, leaky_endpoin
     assert "API key" in notice[0]
     assert KEY not in r.output and KEY not in r.stderr
     assert r.stdout.strip()  # and the reply came from the device
+
+
+def test_deeply_nested_tokenizer_config(tmp_path):
+    from ondevice.tokenizer import Tokenizer
+
+    path = write_model(tmp_path / "m", tiny_config())
+    (path / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TokenizerError, match="nested too deeply"):
+        Tokenizer.from_dir(path)
+
+
+def test_out_of_memory_is_one_line(tiny_model_dir, monkeypatch):
+    import ondevice.apps.cli as cli_module
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 3.00 GiB for an array with shape (16777216, 48)")
+
+    monkeypatch.setattr(cli_module, "_load", too_big)
+    assert_one_line(run("generate", "-m", tiny_model_dir, "-p", "hi"),
+                    "out of memory: Unable to allocate 3.00 GiB")
