@@ -30,7 +30,6 @@ __all__ = [
     "apply_penalties",
     "log_softmax",
     "min_p_mask",
-    "sample_batch",
     "softmax",
     "top_k_mask",
     "top_p_mask",
@@ -493,25 +492,3 @@ class Sampler:
         u = self.rng.random(dtype=_F32) * cdf[-1]
         pos = min(int(np.searchsorted(cdf, u, side="right")), candidates.shape[0] - 1)
         return int(candidates[pos])
-
-
-def sample_batch(
-    logits: np.ndarray,
-    samplers: Sequence[Sampler],
-    prompts: Sequence[Sequence[int]],
-    outputs: Sequence[Sequence[int]],
-) -> list[SampleResult]:
-    """Sample one token per row of ``logits`` (shape ``[B, vocab]``), row i with sampler i.
-
-    ``prompts[i]`` and ``outputs[i]`` are row i's prompt and generated token ids.
-    """
-    arr = np.asarray(logits)
-    if arr.ndim != 2:
-        raise SamplingError(f"logits must be a 2-D [batch, vocab] array, got shape {arr.shape}")
-    batch = arr.shape[0]
-    if not len(samplers) == len(prompts) == len(outputs) == batch:
-        raise SamplingError(
-            f"batch of {batch} logits rows needs as many samplers, prompts and outputs, got "
-            f"{len(samplers)}, {len(prompts)} and {len(outputs)}"
-        )
-    return [s.sample(arr[i], prompts[i], outputs[i]) for i, s in enumerate(samplers)]

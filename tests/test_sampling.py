@@ -17,7 +17,6 @@ from ondevice.sampling import (
     apply_penalties,
     log_softmax,
     min_p_mask,
-    sample_batch,
     softmax,
     top_k_mask,
     top_p_mask,
@@ -512,21 +511,3 @@ def test_float32_pipeline_with_python_floats(monkeypatch: pytest.MonkeyPatch) ->
     r = Sampler(params).sample(random_logits(0, 1000), list(range(50)), [1, 2, 2])
     assert seen and all(d == F32 for d in seen)
     assert isinstance(r.logprob, float)
-
-
-def test_sample_batch() -> None:
-    logits = np.stack([random_logits(i, 100) for i in range(3)])
-    samplers = [
-        Sampler(SamplingParams.greedy()),
-        Sampler(SamplingParams(seed=1)),
-        Sampler(SamplingParams.greedy(logprobs=1)),
-    ]
-    results = sample_batch(logits, samplers, [[], [1], [2]], [[], [], [3]])
-    assert len(results) == 3
-    assert results[0].token_id == int(np.argmax(logits[0]))
-    assert results[2].token_id == int(np.argmax(logits[2]))
-    assert results[2].top_logprobs is not None
-    with pytest.raises(SamplingError, match="batch"):
-        sample_batch(logits, samplers[:2], [[], []], [[], []])
-    with pytest.raises(SamplingError, match="2-D"):
-        sample_batch(logits[0], samplers, [[]] * 3, [[]] * 3)

@@ -267,6 +267,7 @@ def score_tokens(engine: Engine, token_ids: list[int], *, logits_for: str = "all
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
-    """Greedy with nothing that needs the whole row: no penalties, no logprobs."""
-    return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
+    """Greedy (by the sampler's own definition, ``is_greedy``) with nothing that needs the
+    whole row: no penalties, no logprobs."""
+    return (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
