@@ -129,6 +129,8 @@ def _read_header(fh, size: int, path: Path) -> tuple[dict, dict[str, str], int]:
         header = json.loads(fh.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelFormatError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ModelFormatError(f"{path}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -184,8 +186,10 @@ class WeightFiles:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 names = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise ModelFormatError(f"{index}: invalid index ({err})") from None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError,
+                    RecursionError) as err:
+                raise ModelFormatError(f"{index}: invalid index ({err or 'nested too deeply'})"
+                                       ) from None
             for fname in names:
                 if Path(fname).name != fname:
                     raise ModelFormatError(f"{index}: shard name {fname!r} is not a plain file name")

@@ -146,11 +146,15 @@ class DeviceProfile:
         p = Path(path)
         if not p.is_file():
             p = _find_shipped(str(path))
-        text = p.read_text()
         try:
+            text = p.read_text()
             data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-        except (ValueError, tomllib.TOMLDecodeError) as err:
+        except (ValueError, tomllib.TOMLDecodeError) as err:  # UnicodeDecodeError included
             raise PolicyConfigError(f"device profile {p}: cannot parse: {err}") from None
+        except RecursionError:
+            raise PolicyConfigError(f"device profile {p}: nested too deeply") from None
+        except OSError as err:
+            raise PolicyConfigError(f"device profile {p}: {err.strerror or err}") from None
         return cls.from_dict(data, source=p.name)
 
     # -- detection -------------------------------------------------------------------------
