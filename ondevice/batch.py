@@ -46,7 +46,9 @@ class BatchInput:
 
         The new tokens of a sequence occupy positions ``num_computed .. num_computed + n - 1``;
         ``logits_for="last"`` asks for the last new row of each sequence, ``"all"`` for every
-        row, and a list of booleans for the last row of the sequences marked True.
+        row, and a list of booleans for the last row of the sequences marked True; an integer
+        ``m`` in that list asks for the sequence's last ``m`` rows (speculative verification:
+        the last token and its ``m - 1`` proposals).
         """
         ids, pos, slots, lens, starts, rows = [], [], [], [], [0], []
         max_blocks = max((len(b) for _, _, b in seqs), default=0) or 1
@@ -62,8 +64,11 @@ class BatchInput:
             lens.append(computed + n)
             if logits_for == "all":
                 rows.extend(range(starts[-1], starts[-1] + n))
-            elif logits_for == "last" or logits_for[s]:
+            elif logits_for == "last":
                 rows.append(starts[-1] + n - 1)
+            elif logits_for[s]:
+                m = min(int(logits_for[s]), n)  # True counts as 1
+                rows.extend(range(starts[-1] + n - m, starts[-1] + n))
             starts.append(starts[-1] + n)
         cat = (lambda parts: np.concatenate(parts).astype(np.int32)) if seqs else (
             lambda parts: np.zeros(0, np.int32))

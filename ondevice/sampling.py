@@ -97,6 +97,8 @@ class SamplingParams:
         logprobs: None turns logprobs off; N in [0, 20] returns the sampled token's logprob
             and the N most likely alternatives.
         n: Number of completions to generate for the prompt (>= 1).
+        speculative: False opts this request out of the engine's speculative decoding (its
+            output is the same either way for greedy; this only saves the proposal work).
     """
 
     max_tokens: int = 256
@@ -113,6 +115,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         # Normalized values are written back with object.__setattr__ (the dataclass is frozen)
@@ -203,6 +206,11 @@ class SamplingParams:
         if n < 1:
             raise SamplingError(f"n must be >= 1, got {n}", field="n")
         put("n", n)
+
+        if not isinstance(self.speculative, (bool, np.bool_)):
+            raise SamplingError(f"speculative must be a bool, got {self.speculative!r}",
+                                field="speculative")
+        put("speculative", bool(self.speculative))
 
     @classmethod
     def greedy(cls, **kwargs: object) -> SamplingParams:

@@ -85,6 +85,56 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+SPECULATIVE_METHODS = ("prompt_lookup", "draft")
+MAX_SPECULATIVE_TOKENS = 16
+"""Largest k: beyond it a proposal's tail is almost never accepted and only costs rows."""
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: propose up to ``num_tokens`` tokens per step and verify them all
+    in one forward pass of the target model.
+
+    ``method``: ``"prompt_lookup"`` (continue the latest earlier occurrence of the last
+    n-gram of prompt + output, for n from ``ngram_max`` down to ``ngram_min``; no second
+    model) or ``"draft"`` (a smaller model with the same tokenizer, ``draft_model``, on its own
+    backend ``draft_backend`` — None: the target's — and its own KV pool). ``max_batch_rows``:
+    speculation only fills a step up to this many query rows (decode rows included), so a
+    batch that is already large is not slowed down; ``adaptive`` shrinks k per sequence when
+    its proposals are rejected.
+    """
+
+    method: str = "prompt_lookup"
+    num_tokens: int = 4
+    draft_model: str | None = None
+    draft_backend: str | None = None
+    ngram_min: int = 1
+    ngram_max: int = 4
+    max_batch_rows: int = 16
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise RequestError(f"speculative method must be one of "
+                               f"{', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        k = self.num_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise RequestError(f"num_speculative_tokens must be an integer in "
+                               f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.method == "draft" and not self.draft_model:
+            raise RequestError("speculative method 'draft' needs a draft model (--draft-model)")
+        if self.method != "draft" and (self.draft_model or self.draft_backend):
+            raise RequestError("a draft model is only used with speculative method 'draft'")
+        _positive_int("ngram_min", self.ngram_min)
+        _positive_int("ngram_max", self.ngram_max)
+        if self.ngram_min > self.ngram_max:
+            raise RequestError(f"ngram_min ({self.ngram_min}) is larger than ngram_max "
+                               f"({self.ngram_max})")
+        _positive_int("max_batch_rows", self.max_batch_rows)
+        if not isinstance(self.adaptive, bool):
+            raise RequestError(f"adaptive must be true or false, got {self.adaptive!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine schedules and how much KV cache it keeps.
@@ -98,6 +148,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     kv_memory: int | str | None = None
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -108,6 +159,14 @@ class EngineConfig:
                 f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.kv_memory is not None:
             object.__setattr__(self, "kv_memory", parse_size(self.kv_memory))
+        spec = self.speculative
+        if spec is not None:
+            if not isinstance(spec, SpeculativeConfig):
+                raise RequestError(f"speculative must be a SpeculativeConfig or None, got "
+                                   f"{type(spec).__name__}")
+            if spec.num_tokens + 1 > self.max_num_batched_tokens:
+                raise RequestError(f"num_speculative_tokens {spec.num_tokens} needs "
+                                   f"max_num_batched_tokens >= {spec.num_tokens + 1}")
 
     def merged(self, **overrides: Any) -> EngineConfig:
         """A copy with the overrides that are not None applied."""

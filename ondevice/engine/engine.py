@@ -11,10 +11,12 @@ import numpy as np
 from ..batch import BatchInput
 from ..errors import RequestError
 from ..kv import KVCacheManager
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler, SampleResult, SamplingParams
+from ..settings import SpeculativeConfig
 from ..tokenizer import IncrementalDetokenizer
 from .request import Request, RequestOutput, Sequence, Status
 from .scheduler import Scheduler
+from .speculative import DraftModel, Speculator, verify
 
 THROUGHPUT_WINDOW = 10.0  # seconds of history behind the tokens/s figure
 
@@ -29,11 +31,15 @@ class Engine:
         context_length: the model's context length.
         enable_prefix_caching: share full KV blocks between requests with the same prefix.
         model_id: goes into every block hash, so a cache is never shared across models.
+        speculative: speculative decoding settings (None: off).
+        draft_backend: the loaded draft model's backend, for ``speculative.method == "draft"``
+            (it owns the draft's KV pool; same vocabulary as ``backend``).
     """
 
     def __init__(self, backend, tokenizer=None, *, context_length: int,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
-                 enable_prefix_caching: bool = True, model_id: str = ""):
+                 enable_prefix_caching: bool = True, model_id: str = "",
+                 speculative: SpeculativeConfig | None = None, draft_backend=None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.block_size = backend.block_size
@@ -51,6 +57,22 @@ class Engine:
         self.num_prompt_tokens = 0
         self.num_steps = 0
         self.num_topk_steps = 0  # steps whose tokens were picked on the backend's device
+        self.spec: Speculator | None = None
+        if speculative is not None:
+            if speculative.num_tokens + 1 > max_num_batched_tokens:
+                raise RequestError(f"num_speculative_tokens {speculative.num_tokens} needs "
+                                   f"max_num_batched_tokens >= {speculative.num_tokens + 1}")
+            draft = None
+            if speculative.method == "draft":
+                if draft_backend is None:
+                    raise RequestError("speculative method 'draft' needs a loaded draft model")
+                if draft_backend.config.vocab_size != self.vocab_size:
+                    raise RequestError(
+                        f"the draft model's vocabulary ({draft_backend.config.vocab_size} "
+                        f"tokens) differs from the target's ({self.vocab_size})")
+                draft = DraftModel(draft_backend, max_num_batched_tokens=max_num_batched_tokens,
+                                   context_length=draft_backend.config.context_length)
+            self.spec = Speculator(speculative, draft)
 
     # -- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
@@ -96,6 +118,8 @@ class Engine:
         for seq in req.seqs:
             if not seq.status.finished:
                 self.scheduler.finish(seq, Status.FINISHED_ABORTED)
+                if self.spec is not None:
+                    self.spec.release(seq.seq_id)
                 outs.append(RequestOutput(req.request_id, seq.index, (), "", "abort"))
         return outs
 
@@ -104,17 +128,25 @@ class Engine:
 
     # -- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        lookups = self._plan_speculation() if self.spec is not None else {}
+        sched = self.scheduler.schedule(
+            {seq: (len(props), pinned) for seq, (props, pinned) in lookups.items()})
         if not sched.scheduled:
             return []
         copies = self.kv.take_copies()
         if copies:
             self.backend.copy_blocks(copies)
+        proposals = self._proposals(sched.spec, lookups) if sched.spec else {}
         entries, wants = [], []
         for seq, n in sched.scheduled:
             start = seq.num_computed
-            entries.append((seq.token_ids[start:start + n], start, self.kv.block_ids(seq.seq_id)))
-            wants.append(start + n == len(seq.token_ids))
+            props = proposals.get(seq, ([], None))[0]
+            if len(props) < sched.spec.get(seq, 0):  # fewer proposals than slots: give back
+                self.kv.truncate(seq.seq_id, start + n + len(props))
+            entries.append((seq.token_ids[start:start + n] + props, start,
+                            self.kv.block_ids(seq.seq_id)))
+            # Rows whose logits are needed: the last token's, plus one per proposal.
+            wants.append(1 + len(props) if start + n == len(seq.token_ids) else 0)
         batch = BatchInput.build(entries, self.block_size, logits_for=wants)
         sampled = [seq for (seq, _), w in zip(sched.scheduled, wants, strict=True) if w]
         logits = self._forward(batch, sampled)
@@ -122,6 +154,11 @@ class Engine:
         outputs: list[RequestOutput] = []
         row = 0
         for (seq, n), want in zip(sched.scheduled, wants, strict=True):
+            if want > 1:
+                props, qs = proposals[seq]
+                outputs.extend(self._verify(seq, n, logits[row:row + want], props, qs))
+                row += want
+                continue
             seq.num_computed += n
             self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed)
             if seq.num_output == 0 and seq.index == 0:
@@ -166,9 +203,77 @@ class Engine:
             req.seqs.append(child)
             self.scheduler.add_running(child, after=req.seqs[-2])
 
+    # -- speculative decoding -------------------------------------------------------------
+    def _plan_speculation(self) -> dict[Sequence, tuple[list[int], bool]]:
+        """Per decoding sequence: its prompt-lookup proposals (or, for a draft model, a list
+        of k placeholders: the draft runs after scheduling) and whether it is pinned.
+
+        The batch rule: every running sequence needs one row; proposals may only fill the
+        step up to ``max_batch_rows`` rows, in running order, so a large batch (where each
+        extra row costs as much as a decode row) is not slowed down."""
+        spec = self.spec
+        assert spec is not None
+        running = self.scheduler.running
+        spare = spec.config.max_batch_rows - len(running)
+        plan: dict[Sequence, tuple[list[int], bool]] = {}
+        for seq in running:
+            if seq.num_uncomputed != 1 or seq.num_output == 0:
+                continue  # prefill (or resuming after preemption): nothing to verify against
+            p = seq.request.params
+            remaining = min(p.max_tokens - seq.num_output,
+                            self.context_limit - len(seq.token_ids)) - 1
+            k = spec.wanted_k(seq, remaining)
+            pinned = spec.pinned(seq)
+            if not pinned:
+                k = min(k, max(spare, 0))
+            if k <= 0:
+                continue
+            props = spec.lookup.propose(seq.token_ids, k) if spec.lookup else [0] * k
+            if props:
+                plan[seq] = (props, pinned)
+                if not pinned:
+                    spare -= len(props)
+        return plan
+
+    def _proposals(self, slots: dict[Sequence, int], lookups: dict
+                   ) -> dict[Sequence, tuple[list[int], list[np.ndarray] | None]]:
+        """The proposals of the sequences that got speculative slots this step."""
+        spec = self.spec
+        assert spec is not None
+        if spec.draft is None:
+            return {seq: (lookups[seq][0][:k], None) for seq, k in slots.items()}
+        items = list(slots.items())
+        return dict(zip((seq for seq, _ in items), spec.draft.propose(items), strict=True))
+
+    def _verify(self, seq: Sequence, n: int, rows: np.ndarray, props: list[int],
+                qs: list[np.ndarray] | None) -> list[RequestOutput]:
+        """Accept a prefix of the proposals, give the rejected slots back, emit the tokens."""
+        spec = self.spec
+        assert spec is not None
+        length = len(seq.token_ids)
+        results = verify(seq, rows, props, qs)
+        accepted = [r.token_id for r in results[:-1]]
+        seq.num_computed += n + len(accepted)
+        self.kv.truncate(seq.seq_id, seq.num_computed)
+        # Only blocks filled by accepted tokens are hashed (the rejected ones' KV is garbage).
+        self.kv.cache_blocks(seq.seq_id, seq.token_ids + accepted, seq.num_computed)
+        spec.update(seq, len(props), len(accepted), len(results))
+        if spec.draft is not None:
+            spec.draft.accept(seq.seq_id, length + len(accepted))
+        outputs: list[RequestOutput] = []
+        for result in results:
+            outputs.extend(self._emit(seq, result))
+            if seq.status.finished:
+                break  # a stop inside the accepted run: the rest is not output
+        return outputs
+
     def _sample(self, seq: Sequence, logits: np.ndarray) -> list[RequestOutput]:
+        req = seq.request
+        return self._emit(seq, seq.sampler.sample(logits, req.prompt_ids, seq.output_ids))
+
+    def _emit(self, seq: Sequence, result: SampleResult) -> list[RequestOutput]:
+        """Append one chosen token to the sequence, stream it, and finish it if it stops."""
         req, p = seq.request, seq.request.params
-        result = seq.sampler.sample(logits, req.prompt_ids, seq.output_ids)
         token = int(result.token_id)
         seq.token_ids.append(token)
         seq.num_output += 1
@@ -190,6 +295,8 @@ class Engine:
         if finish:
             status = Status.FINISHED_STOPPED if finish == "stop" else Status.FINISHED_LENGTH
             self.scheduler.finish(seq, status)
+            if self.spec is not None:
+                self.spec.release(seq.seq_id)
             seq.finish_reason = finish
             if req.finished:
                 self.requests.pop(req.request_id, None)
@@ -236,6 +343,7 @@ class Engine:
             "prompt_tokens": self.num_prompt_tokens,
             "steps": self.num_steps,
             "tokens_per_second": round(tps, 2),
+            **(self.spec.stats() if self.spec is not None else {}),
         }
 
 

@@ -20,6 +20,8 @@ from .request import Sequence, Status
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
     preempted: list[Sequence] = field(default_factory=list)
+    # Speculative decoding: slots allocated past a sequence's new tokens for its proposals.
+    spec: dict[Sequence, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +52,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, speculate: dict[Sequence, tuple[int, bool]] | None = None
+                 ) -> SchedulerOutput:
+        """``speculate``: per decoding sequence, ``(k, pinned)``: slots for k proposed tokens
+        to allocate after its last token. They shrink to the step's remaining token budget
+        unless pinned (a pinned k must not depend on the batch; the budget is then exceeded
+        by at most k), and are dropped rather than preempting anyone when blocks run short."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         i = 0
@@ -58,6 +65,20 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
             if n <= 0:  # nothing to compute (cannot happen for a live sequence; be safe)
+                i += 1
+                continue
+            extra, pinned = (speculate or {}).get(seq, (0, False))
+            if n < seq.num_uncomputed:
+                extra = 0
+            elif not pinned:
+                extra = min(extra, budget - n)
+            # The slots are allocated before the proposals exist (a draft model runs after
+            # scheduling); allocate_slots only checks the token list's length.
+            if extra > 0 and self.kv.allocate_slots(
+                    seq.seq_id, seq.token_ids + [0] * extra, n + extra) is not None:
+                out.scheduled.append((seq, n))
+                out.spec[seq] = extra
+                budget -= n + extra
                 i += 1
                 continue
             while self.kv.allocate_slots(seq.seq_id, seq.token_ids, n) is None:

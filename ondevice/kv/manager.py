@@ -314,6 +314,32 @@ class KVCacheManager:
             self.pool.cache_full_block(state.blocks[i], hashes[i])
         state.num_cached_blocks = num_full
 
+    def truncate(self, request_id: RequestId, num_tokens: int) -> None:
+        """Shrink the request's table to ``num_tokens`` tokens, giving back the blocks past them.
+
+        Speculative decoding allocates slots for proposed tokens before it knows how many are
+        accepted; the rejected ones are given back here. Only blocks that no longer hold any of
+        the kept tokens are freed (tail first, like `free`); the partial block that keeps some
+        of them stays, and its stale tail slots are simply overwritten later. Registered
+        (hashed) blocks are never dropped: `cache_blocks` only hashes computed tokens, and the
+        caller never truncates below those.
+
+        Raises:
+            ValueError: ``num_tokens`` is negative, above the table, or below a hashed block.
+        """
+        state = self._state(request_id)
+        if not 0 <= num_tokens <= state.num_tokens:
+            raise ValueError(f"request {request_id!r}: cannot truncate {state.num_tokens} "
+                             f"tokens to {num_tokens}")
+        keep = _cdiv(num_tokens, self.block_size)
+        if keep < state.num_cached_blocks:
+            raise ValueError(f"request {request_id!r}: truncating to {num_tokens} tokens would "
+                             f"drop registered blocks")
+        dropped = state.blocks[keep:]
+        del state.blocks[keep:]
+        state.num_tokens = num_tokens
+        self.pool.free_blocks(reversed(dropped))
+
     # ---------------------------------------------------------------------------------------
     # Sharing and release
 

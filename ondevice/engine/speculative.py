@@ -1,0 +1,373 @@
+"""Speculative decoding: proposers, per-sequence adaptivity and verification.
+
+A sequence in decode gets up to k proposed tokens; the engine schedules its last token and the
+proposals as k + 1 query rows in the same flattened batch as everybody else's rows, asks for
+the logits of all of them and verifies here:
+
+* **greedy** (and any proposal without a distribution, i.e. prompt lookup): each row is sampled
+  exactly as without speculation (same sampler, same penalties context, same random draws), and
+  the proposals are accepted up to the first one that differs from the token sampled at its
+  position; that sampled token ends the step. For a point-mass proposal q = delta(d) this *is*
+  the standard rejection scheme (accept with min(1, p(d)/q(d)) = p(d), else draw from the
+  normalized residual max(0, p - q), which is p without d), realized with a coupling that
+  draws one token x ~ p per position and accepts iff x == d. So the output of a seeded
+  request is the same with or without speculation, whatever the batch or k.
+* **draft-model sampling** (a proposal d ~ q with the draft's distribution q): the standard
+  scheme of Leviathan et al. / Chen et al. 2023: accept with probability min(1, p(d)/q(d)),
+  else draw from the normalized residual max(0, p - q) and stop; if all k were accepted, draw
+  a bonus token from the last row. The draws come from the sequence's own generator (and the
+  draft's proposals from a second generator spawned from the same seed), so a fixed seed
+  reproduces.
+
+Rejected positions give their KV slots back (`KVCacheManager.truncate`); blocks are only
+hashed for the prefix cache up to the accepted tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..batch import BatchInput
+from ..kv import KVCacheManager
+from ..sampling import (
+    SampleResult,
+    SamplingParams,
+    apply_penalties,
+    log_softmax,
+    min_p_mask,
+    softmax,
+    top_k_mask,
+    top_p_mask,
+)
+from .request import Sequence
+
+DRAFT_SPAWN_KEY = 0x5350
+"""Second element of the draft generator's spawn key: disjoint from the target sampler's
+``(index,)`` key, so the draft's draws never consume or mirror the target's."""
+
+COOLDOWN_STEPS = 8
+"""Steps a draft-model sequence skips speculation after its acceptance collapsed."""
+
+LOW_ACCEPTANCE = 0.2
+"""Below this running acceptance rate (at k = 1) a draft-model sequence pauses speculation."""
+
+
+# --------------------------------------------------------------------------------------------
+# Distributions
+
+
+def target_probs(params: SamplingParams, logits: np.ndarray, prompt_ids: list[int],
+                 output_ids: list[int]) -> np.ndarray:
+    """The distribution `Sampler` draws from for this row: penalties, temperature, top-k,
+    top-p, min-p, normalized (float64, so that ratios and residuals are not rounded away)."""
+    x = apply_penalties(logits, prompt_ids, output_ids,
+                        repetition_penalty=params.repetition_penalty,
+                        presence_penalty=params.presence_penalty,
+                        frequency_penalty=params.frequency_penalty)
+    x -= x.max()
+    if params.temperature != 1.0:
+        x /= np.float32(params.temperature)
+    if params.top_k:
+        x[~top_k_mask(x, params.top_k)] = -np.inf
+    probs = softmax(x)
+    if params.top_p < 1.0:
+        probs[~top_p_mask(probs, params.top_p)] = 0
+    if params.min_p > 0.0:
+        probs[~min_p_mask(probs, params.min_p)] = 0
+    probs = probs.astype(np.float64)
+    return probs / probs.sum()
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One inverse-CDF draw over the tokens with positive probability."""
+    candidates = np.flatnonzero(probs > 0)
+    cdf = np.cumsum(probs[candidates])
+    u = rng.random() * cdf[-1]
+    return int(candidates[min(int(np.searchsorted(cdf, u, side="right")), len(candidates) - 1)])
+
+
+def _result(params: SamplingParams, logits: np.ndarray, prompt_ids: list[int],
+            output_ids: list[int], token: int) -> SampleResult:
+    """A SampleResult for a token chosen by the rejection scheme, with logprobs as `Sampler`
+    reports them (log-softmax of the penalized, untruncated row)."""
+    if params.logprobs is None:
+        return SampleResult(token, None, None)
+    lp = log_softmax(apply_penalties(logits, prompt_ids, output_ids,
+                                     repetition_penalty=params.repetition_penalty,
+                                     presence_penalty=params.presence_penalty,
+                                     frequency_penalty=params.frequency_penalty))
+    top = np.argsort(-lp, kind="stable")[: params.logprobs]
+    return SampleResult(token, float(lp[token]), [(int(i), float(lp[i])) for i in top])
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify(seq: Sequence, rows: np.ndarray, proposals: list[int],
+           qs: list[np.ndarray] | None) -> list[SampleResult]:
+    """The tokens a sequence emits this step: its accepted proposals, then one sampled token.
+
+    ``rows`` are the target's logits after the last token and after each proposal
+    (``len(proposals) + 1`` rows); ``qs`` the draft's distribution for each proposal, or None
+    for point-mass proposals (prompt lookup, greedy drafts). Nothing is mutated but the
+    sequence's random generator.
+    """
+    req, params = seq.request, seq.request.params
+    prompt, out = req.prompt_ids, seq.output_ids
+    emitted: list[SampleResult] = []
+    toks: list[int] = []
+    m = len(proposals)
+    for i in range(m + 1):
+        context = out + toks
+        if qs is None or params.is_greedy or i == m:
+            res = seq.sampler.sample(rows[i], prompt, context)
+            emitted.append(res)
+            toks.append(res.token_id)
+            if i == m or res.token_id != proposals[i]:
+                break
+            continue
+        d, q = proposals[i], qs[i]
+        p = target_probs(params, rows[i], prompt, context)
+        rng = seq.sampler.rng
+        if rng.random() * q[d] < p[d]:  # accept with min(1, p(d) / q(d))
+            token = d
+        else:
+            residual = np.maximum(p - q, 0.0)
+            token = _draw(residual if residual.sum() > 0 else p, rng)
+        emitted.append(_result(params, rows[i], prompt, context, token))
+        toks.append(token)
+        if token != d:
+            break
+    return emitted
+
+
+# --------------------------------------------------------------------------------------------
+# Proposers
+
+
+class PromptLookup:
+    """Propose the continuation of the latest earlier occurrence of the sequence's last n-gram
+    (n from ``ngram_max`` down to ``ngram_min``) in prompt + output. No model, no state."""
+
+    def __init__(self, ngram_min: int = 1, ngram_max: int = 4):
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        arr = np.asarray(token_ids, dtype=np.int64)
+        length = arr.shape[0]
+        for n in range(min(self.ngram_max, length - 1), self.ngram_min - 1, -1):
+            # Windows starting before the trailing n-gram itself, so a continuation exists.
+            windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)
+            hits = np.flatnonzero((windows == arr[length - n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the latest match: nearest context wins
+                return arr[start : start + k].tolist()
+        return []
+
+
+@dataclass
+class _DraftState:
+    toks: list[int]
+    k: int
+    props: list[int] = field(default_factory=list)
+    qs: list[np.ndarray] = field(default_factory=list)
+    failed: bool = False
+
+
+class DraftModel:
+    """Proposals from a smaller model with the same vocabulary, on its own backend and KV pool.
+
+    The draft keeps KV per sequence (its own `KVCacheManager`, no prefix cache) and catches up
+    on the tokens it has not seen before it proposes; after verification it keeps the KV of
+    the accepted proposals and drops the rest, like the target. Greedy requests get the
+    draft's argmax; sampled ones a draw from the draft's distribution (same sampling
+    parameters), which verification needs as q.
+    """
+
+    def __init__(self, backend, *, max_num_batched_tokens: int, context_length: int):
+        self.backend = backend
+        self.block_size = backend.block_size
+        self.kv = KVCacheManager(backend.num_blocks, backend.block_size, enable_caching=False)
+        self.budget = max_num_batched_tokens
+        self.context_limit = min(context_length, backend.num_blocks * backend.block_size)
+        self.computed: dict[str, int] = {}
+        self._rngs: dict[str, np.random.Generator] = {}
+        self.num_forwards = 0
+
+    def release(self, seq_id: str) -> None:
+        """Forget a sequence (finished, aborted): its draft blocks go back to the pool."""
+        self.kv.free(seq_id)
+        self.computed.pop(seq_id, None)
+        self._rngs.pop(seq_id, None)
+
+    def accept(self, seq_id: str, num_valid: int) -> None:
+        """Keep the draft's KV for the first ``num_valid`` tokens of the sequence only."""
+        done = self.computed.get(seq_id)
+        if done is not None and num_valid < done:
+            self.kv.truncate(seq_id, num_valid)
+            self.computed[seq_id] = num_valid
+
+    def _rng(self, seq: Sequence) -> np.random.Generator:
+        rng = self._rngs.get(seq.seq_id)
+        if rng is None:
+            key = (seq.index, DRAFT_SPAWN_KEY)
+            rng = np.random.default_rng(np.random.SeedSequence(seq.request.params.seed,
+                                                               spawn_key=key))
+            self._rngs[seq.seq_id] = rng
+        return rng
+
+    def propose(self, items: list[tuple[Sequence, int]]
+                ) -> list[tuple[list[int], list[np.ndarray] | None]]:
+        """Up to k proposals per ``(sequence, k)``, with the draft's distributions (None for
+        greedy requests). Runs the draft's catch-up and k - 1 more decode steps, batched."""
+        states = []
+        for seq, k in items:
+            fits = len(seq.token_ids) + k <= self.context_limit
+            states.append(_DraftState(list(seq.token_ids), k if fits else 0))
+        active = {seq.seq_id for seq, _ in items}
+        while True:
+            entries, wanted, owners = [], [], []
+            budget = self.budget
+            for (seq, _), st in zip(items, states, strict=True):
+                if st.failed or len(st.props) >= st.k or budget <= 0:
+                    continue
+                sid = seq.seq_id
+                done = self.computed.get(sid, 0)
+                take = min(len(st.toks) - done, budget)
+                if not self._allocate(sid, st.toks, take, active):
+                    st.failed = True
+                    self.release(sid)
+                    continue
+                entries.append((st.toks[done:done + take], done, self.kv.block_ids(sid)))
+                wanted.append(done + take == len(st.toks))
+                owners.append((seq, st))
+                self.computed[sid] = done + take
+                budget -= take
+            if not entries:
+                break
+            batch = BatchInput.build(entries, self.block_size, logits_for=wanted)
+            logits = self.backend.forward(batch)
+            self.num_forwards += 1
+            row = 0
+            for (seq, st), want in zip(owners, wanted, strict=True):
+                if want:
+                    self._pick(seq, st, logits[row])
+                    row += 1
+        return [(st.props, None if seq.request.params.is_greedy else st.qs)
+                for (seq, _), st in zip(items, states, strict=True)]
+
+    def _allocate(self, sid: str, toks: list[int], take: int, active: set[str]) -> bool:
+        if self.kv.allocate_slots(sid, toks, take) is not None:
+            return True
+        # Out of draft blocks: drop the KV of sequences not proposing this step (they catch up
+        # again when they next speculate), then try once more.
+        for other in [s for s in self.computed if s not in active]:
+            self.release(other)
+        return self.kv.allocate_slots(sid, toks, take) is not None
+
+    def _pick(self, seq: Sequence, st: _DraftState, row: np.ndarray) -> None:
+        params = seq.request.params
+        context = seq.output_ids + st.props
+        if params.is_greedy:
+            x = apply_penalties(row, seq.request.prompt_ids, context,
+                                repetition_penalty=params.repetition_penalty,
+                                presence_penalty=params.presence_penalty,
+                                frequency_penalty=params.frequency_penalty)
+            token = int(np.argmax(x))
+        else:
+            q = target_probs(params, row, seq.request.prompt_ids, context)
+            token = _draw(q, self._rng(seq))
+            st.qs.append(q)
+        st.props.append(token)
+        st.toks.append(token)
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptivity and counters
+
+
+@dataclass
+class _Adapt:
+    k: int
+    cooldown: int = 0
+    rate: float = 1.0  # running acceptance rate (exponential average)
+
+
+class Speculator:
+    """Decides k per sequence and step, holds the proposer, counts what was proposed.
+
+    The k rule (per sequence, from its own history only, so a seeded request does not depend
+    on the batch): start at the configured k; after each verification, k becomes
+    ``accepted + 1`` when a proposal was rejected (the proposals past the first rejection were
+    wasted rows) and grows by 2 when all were accepted, within [1, k_max]. A draft-model
+    sequence whose running acceptance rate falls below `LOW_ACCEPTANCE` at k = 1 pauses for
+    `COOLDOWN_STEPS` steps (each proposal costs a draft forward). The batch rule (per step):
+    proposals only fill the step up to ``max_batch_rows`` query rows; see the config.
+    """
+
+    def __init__(self, config, draft: DraftModel | None = None):
+        self.config = config
+        self.k_max = config.num_tokens
+        self.lookup = PromptLookup(config.ngram_min, config.ngram_max) \
+            if config.method == "prompt_lookup" else None
+        self.draft = draft
+        self._adapt: dict[str, _Adapt] = {}
+        self.num_proposed = 0
+        self.num_accepted = 0
+        self.num_verified = 0  # verifications with at least one proposal
+        self.num_emitted = 0  # tokens emitted by those verifications (accepted + 1 each)
+
+    def pinned(self, seq: Sequence) -> bool:
+        """A seeded sampled request verified against a draft distribution: its random draws
+        depend on k, so its k must not depend on other requests (batch size, token budget)."""
+        p = seq.request.params
+        return self.draft is not None and p.seed is not None and not p.is_greedy
+
+    def wanted_k(self, seq: Sequence, remaining: int) -> int:
+        """How many tokens this sequence would like to propose now (before the batch rule)."""
+        if not seq.request.params.speculative:
+            return 0
+        st = self._adapt.get(seq.seq_id)
+        if st is None:
+            st = self._adapt[seq.seq_id] = _Adapt(self.k_max)
+        if st.cooldown > 0:
+            st.cooldown -= 1
+            return 0
+        return max(0, min(st.k, remaining))
+
+    def update(self, seq: Sequence, proposed: int, accepted: int, emitted: int) -> None:
+        if not proposed:
+            return
+        self.num_proposed += proposed
+        self.num_accepted += accepted
+        self.num_verified += 1
+        self.num_emitted += emitted
+        if not self.config.adaptive:
+            return
+        st = self._adapt[seq.seq_id]
+        st.rate = 0.7 * st.rate + 0.3 * (accepted / proposed)
+        st.k = min(self.k_max, st.k + 2) if accepted == proposed else max(1, accepted + 1)
+        if self.draft is not None and st.k == 1 and st.rate < LOW_ACCEPTANCE:
+            st.cooldown = COOLDOWN_STEPS
+            st.rate = LOW_ACCEPTANCE  # probe again after the pause instead of pausing forever
+
+    def release(self, seq_id: str) -> None:
+        self._adapt.pop(seq_id, None)
+        if self.draft is not None:
+            self.draft.release(seq_id)
+
+    def stats(self) -> dict[str, float | int]:
+        return {
+            "spec_proposed_tokens": self.num_proposed,
+            "spec_accepted_tokens": self.num_accepted,
+            "spec_acceptance_rate": round(self.num_accepted / self.num_proposed, 4)
+            if self.num_proposed else 0.0,
+            "spec_mean_accepted_length": round(self.num_accepted / self.num_verified, 4)
+            if self.num_verified else 0.0,
+            "spec_tokens_per_verification": round(self.num_emitted / self.num_verified, 4)
+            if self.num_verified else 0.0,
+            "spec_verifications": self.num_verified,
+        }
