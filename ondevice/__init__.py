@@ -11,6 +11,7 @@ from .errors import (
     RequestError,
     SamplingError,
     TokenizerError,
+    UnknownSamplingOptionError,
     UnsupportedModelError,
 )
 from .sampling import SamplingParams
@@ -47,5 +48,5 @@ __all__ = [
     "NumpyOptions", "WgpuOptions",
     "BackendUnavailableError", "Chunk", "Model", "ModelFormatError", "OndeviceError",
     "RequestError", "SamplingError", "SamplingParams", "TokenizerError",
-    "UnsupportedModelError", "load",
+    "UnknownSamplingOptionError", "UnsupportedModelError", "load",
 ]

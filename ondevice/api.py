@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .default_model import resolve_model
-from .errors import RequestError
+from .errors import RequestError, UnknownSamplingOptionError
 from .modeldir import ModelDir
 from .runtime import Runtime
 from .sampling import SamplingParams
 from .settings import BackendOptions, EngineConfig
 
 Prompt = str | Sequence[dict[str, Any]] | list[int]
+
+
+def sampling_params(params: SamplingParams | None = None, **sampling: Any) -> SamplingParams:
+    """``params`` as given, or :class:`SamplingParams` built from keywords. An unknown keyword
+    raises :class:`~ondevice.errors.UnknownSamplingOptionError` naming it, the closest
+    accepted one and the full list (a typo is the usual cause)."""
+    if params is not None:
+        if sampling:
+            raise RequestError("pass sampling options either as params or as keywords, "
+                               "not both")
+        return params
+    accepted = [f.name for f in dataclasses.fields(SamplingParams)]
+    unknown = [k for k in sampling if k not in accepted]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownSamplingOptionError(
+            f"unknown sampling option {name!r}; {hint}accepted: {', '.join(accepted)}",
+            field=name)
+    return SamplingParams(**sampling)
 
 
 @dataclass(frozen=True)
@@ -54,12 +77,20 @@ class Timings:
 
 class Model:
     """A model ready to generate. Build it with :func:`ondevice.load`. Thread-safe: requests
-    from several threads are batched together by the engine."""
+    from several threads are batched together by the engine. A context manager: ``with
+    ondevice.load() as model: ...`` closes it (and frees its KV pool) at the end."""
 
     def __init__(self, runtime: Runtime, path: Path):
         self.runtime = runtime
         self.path = path
         self.timings = Timings()  # of the last generation that finished in this thread's call
+        self._front = None  # the asyncio front, made on first astream()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self):
@@ -95,10 +126,7 @@ class Model:
         ids. Sampling options are :class:`SamplingParams` fields, given as keywords or as
         ``params``. Closing the iterator early cancels the request and frees its KV blocks.
         """
-        if params is None:
-            params = SamplingParams(**sampling)
-        elif sampling:
-            raise RequestError("pass sampling options either as params or as keywords, not both")
+        params = sampling_params(params, **sampling)
         ids = self.encode_prompt(prompt)
         t = Timings(prompt_tokens=len(ids))
         start = time.perf_counter()
@@ -115,6 +143,40 @@ class Model:
             yield Chunk(out.text, out.token_ids[0] if out.token_ids else None, out.finish_reason,
                         out.logprob, out.top_logprobs, out.index)
 
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None,
+                      **sampling) -> AsyncIterator[Chunk]:
+        """:meth:`stream` for asyncio apps: ``async for chunk in model.astream(...)``.
+
+        The engine runs on its own thread; this coroutine only waits for its outputs, so the
+        event loop stays free, and concurrent calls are batched together as threads' are.
+        Leaving the loop early (``break``, cancellation) aborts the request and frees its KV
+        blocks. ``timings`` is updated as with :meth:`stream`.
+        """
+        from .engine import AsyncEngine
+
+        params = sampling_params(params, **sampling)
+        ids = self.encode_prompt(prompt)
+        if self._front is None:  # one front per model: it holds no state but the loop
+            self._front = AsyncEngine(self.runtime.loop)
+        t = Timings(prompt_tokens=len(ids))
+        start = time.perf_counter()
+        first = None
+        gen = self._front.generate(ids, params)
+        try:
+            async for out in gen:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    t.prefill_seconds = now - start
+                    t.cached_prompt_tokens = out.num_cached_tokens
+                t.generated_tokens += len(out.token_ids)
+                t.decode_seconds = now - first
+                self.timings = t
+                yield Chunk(out.text, out.token_ids[0] if out.token_ids else None,
+                            out.finish_reason, out.logprob, out.top_logprobs, out.index)
+        finally:
+            await gen.aclose()  # aborts the engine request when we stop early
+
     def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                  **sampling) -> str | list[str]:
         """The whole reply to ``prompt`` (see :meth:`stream`); a list of replies when n > 1."""
@@ -124,7 +186,7 @@ class Model:
             texts.setdefault(chunk.index, []).append(chunk.text)
             n = max(n, chunk.index + 1)
         replies = ["".join(texts.get(i, [])) for i in range(n)]
-        return replies[0] if (params or SamplingParams(**sampling)).n == 1 else replies
+        return replies[0] if sampling_params(params, **sampling).n == 1 else replies
 
     def save_prompt_cache(self, path: str | os.PathLike, prompt: Prompt) -> int:
         """Save the KV of ``prompt``'s full blocks to ``path`` (safetensors); returns the

@@ -54,3 +54,9 @@ class PolicyError(OndeviceError):
 class CloudError(OndeviceError):
     """A cloud endpoint failed: unreachable, timed out, or answered with an error. The message
     never contains the API key."""
+
+
+class UnknownSamplingOptionError(SamplingError, TypeError):
+    """A keyword that is not a :class:`~ondevice.SamplingParams` field (often a typo).
+    ``field`` is the unknown keyword; the message lists the accepted ones. Also a
+    ``TypeError``, which is what Python raises for an unexpected keyword argument."""

@@ -151,3 +151,62 @@ def test_bad_sampling_params_name_the_field(model):
     with pytest.raises(SamplingError) as info:
         model.generate("hi", top_p=0)
     assert info.value.field == "top_p"
+
+
+def test_unknown_sampling_keyword_names_it_and_the_accepted_ones(model):
+    from ondevice import UnknownSamplingOptionError
+
+    for call in (model.generate, lambda *a, **k: list(model.stream(*a, **k))):
+        with pytest.raises(UnknownSamplingOptionError) as info:
+            call("hi", max_tokens=2, temprature=0.5)
+        err = info.value
+        assert isinstance(err, ondevice.OndeviceError) and isinstance(err, SamplingError)
+        assert err.field == "temprature"
+        msg = str(err)
+        assert "'temprature'" in msg and "did you mean 'temperature'" in msg
+        assert "max_tokens" in msg and "top_p" in msg  # the accepted keywords are listed
+        assert "\n" not in msg
+
+
+def test_model_is_a_context_manager(tiny_model_dir):
+    with ondevice.load(tiny_model_dir, backend="numpy", kv_memory="4MiB") as m:
+        assert m.generate("hi", max_tokens=2, temperature=0)
+    with pytest.raises(RequestError):  # closed on leaving the block
+        m.generate("hi", max_tokens=2, temperature=0)
+
+
+def test_astream_matches_stream_and_aborts_when_left_early(model):
+    import asyncio
+
+    want = "".join(c.text for c in model.stream("Once upon", max_tokens=8, temperature=0))
+
+    async def main():
+        got = [c.text async for c in model.astream("Once upon", max_tokens=8, temperature=0)]
+        # Two at once share the engine; leaving one early frees its blocks.
+        async def first_chunk():
+            async for c in model.astream("Tell me", max_tokens=500, temperature=0,
+                                         ignore_eos=True):
+                return c
+
+        early = await asyncio.gather(first_chunk(), first_chunk())
+        return "".join(got), early
+
+    text, early = asyncio.run(main())
+    assert text == want
+    assert all(c.token_id is not None for c in early)
+    assert model.timings.generated_tokens >= 1
+    total = model.stats()["kv_blocks_total"]
+    assert _free(model) == total
+
+
+def test_astream_unknown_keyword(model):
+    import asyncio
+
+    from ondevice import UnknownSamplingOptionError
+
+    async def main():
+        async for _ in model.astream("hi", max_token=3):
+            pass
+
+    with pytest.raises(UnknownSamplingOptionError, match="did you mean 'max_tokens'"):
+        asyncio.run(main())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..api import Chunk, Model, Prompt, Timings, load
+from ..api import Chunk, Model, Prompt, Timings, load, sampling_params
 from ..errors import BackendUnavailableError, CloudError, PolicyError, RequestError
 from ..sampling import SamplingParams
 from ..settings import BackendOptions, EngineConfig
@@ -232,10 +232,7 @@ class RoutedModel:
         targets override the policy's defaults for this request. Raises :class:`PolicyError`
         when the request may run nowhere, or when it failed where it ran and may not fall
         back."""
-        if params is None:
-            params = SamplingParams(**sampling)
-        elif sampling:
-            raise RequestError("pass sampling options either as params or as keywords, not both")
+        params = sampling_params(params, **sampling)
         ids = self.encode_prompt(prompt)
         request = self.request_for(len(ids), params, private=private, mode=mode,
                                    ttft_target_s=ttft_target_s, min_tokens_per_s=min_tokens_per_s,
