@@ -43,9 +43,18 @@ MODEL_OPTIONS = [
                  help="Do not reuse the KV of shared prompt prefixes."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="Compute threads of the cpu and mlx backends [physical cores]."),
+    click.option("--speculative", type=click.Choice(["prompt_lookup", "draft"]), default=None,
+                 help="Speculative decoding: propose tokens by prompt lookup or with a draft "
+                      "model, verify them in one pass (greedy output unchanged)."),
+    click.option("--num-speculative-tokens", type=int, default=None,
+                 help="Tokens proposed per step at most (1..16) [4]."),
+    click.option("--draft-model", default=None,
+                 help="Draft model directory or .gguf file (same tokenizer) for "
+                      "--speculative draft."),
 ]
 ENGINE_FLAGS = ("kv_memory", "block_size", "max_num_seqs", "max_batched_tokens",
-                "no_prefix_caching", "threads")
+                "no_prefix_caching", "threads", "speculative", "num_speculative_tokens",
+                "draft_model")
 
 
 def _options(options):
@@ -161,17 +170,25 @@ def _params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, se
 
 
 def _engine_settings(backend: str, kv_memory=None, block_size=None, max_num_seqs=None,
-                     max_batched_tokens=None, no_prefix_caching=False, threads=None):
+                     max_batched_tokens=None, no_prefix_caching=False, threads=None,
+                     speculative=None, num_speculative_tokens=None, draft_model=None):
     """The engine configuration and backend options the command-line flags ask for."""
     import dataclasses
 
     from ..backends import resolve
-    from ..settings import OPTIONS, EngineConfig
+    from ..settings import OPTIONS, EngineConfig, SpeculativeConfig
 
+    if speculative is None and (num_speculative_tokens is not None or draft_model is not None):
+        raise click.UsageError("--num-speculative-tokens and --draft-model need --speculative")
+    spec = None
+    if speculative is not None:
+        spec = SpeculativeConfig(method=speculative, draft_model=draft_model,
+                                 **({} if num_speculative_tokens is None
+                                    else {"num_tokens": num_speculative_tokens}))
     engine = EngineConfig().merged(
         kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_batched_tokens,
-        enable_prefix_caching=False if no_prefix_caching else None)
+        enable_prefix_caching=False if no_prefix_caching else None, speculative=spec)
     options = None
     if threads is not None:
         name = resolve(backend)

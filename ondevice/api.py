@@ -246,6 +246,14 @@ def load(
         kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching)
+    spec = engine.speculative
+    if spec is not None and spec.draft_model is not None:
+        # A draft given as a .gguf file is converted once, like the model itself.
+        import dataclasses
+
+        draft = str(resolve_model(spec.draft_model, quiet=quiet))
+        engine = dataclasses.replace(engine, speculative=dataclasses.replace(spec,
+                                                                             draft_model=draft))
     path = resolve_model(model, quiet=quiet)
     md = ModelDir(path)
     _ = md.tokenizer  # load now so that a missing tokenizer fails here, not mid-chat

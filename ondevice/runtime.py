@@ -70,13 +70,42 @@ class Runtime:
         # The backend holds its own copy of the weights now: unmap the files so that their
         # pages stop counting against this process.
         model_dir.close()
+        self.draft_backend = None
+        spec = engine.speculative
+        if spec is not None and spec.method == "draft":
+            self.draft_backend = self._load_draft(spec.draft_model, spec.draft_backend,
+                                                  num_blocks, block_size)
         self.engine = Engine(
             self.backend, self.tokenizer, context_length=self.config.context_length,
             max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs,
             enable_prefix_caching=engine.enable_prefix_caching, model_id=self.model_id,
+            speculative=spec, draft_backend=self.draft_backend,
         )
         self.loop = EngineLoop(self.engine)
         self.sync = SyncEngine(self.loop)
+
+    def _load_draft(self, path: str, backend: str | None, num_blocks: int, block_size: int):
+        """The draft model on its own backend (default: the target's) and its own KV pool of
+        as many blocks as the target's, after checking that it speaks the same tokens."""
+        from pathlib import Path
+
+        if not Path(path).is_dir():
+            raise RequestError(f"draft model {path!r} is not a model directory")
+        draft_dir = ModelDir(Path(path))
+        target_vocab = self.tokenizer.backend.get_vocab()
+        if (draft_dir.config.vocab_size != self.config.vocab_size
+                or draft_dir.tokenizer.backend.get_vocab() != target_vocab):
+            raise RequestError(f"draft model {path} has another tokenizer or vocabulary than the "
+                               f"target ({draft_dir.config.vocab_size} vs {self.config.vocab_size}"
+                               f" tokens); speculative decoding needs the same one")
+        name = resolve(backend or self.backend_name)
+        cls = backend_class(name)
+        options = self.options if name == self.backend_name else backend_options(name, None)
+        cap = cls.max_kv_blocks(draft_dir.config, block_size, options)
+        draft = cls(draft_dir, num_blocks=min(num_blocks, cap) if cap else num_blocks,
+                    block_size=block_size, options=options)
+        draft_dir.close()
+        return draft
 
     @property
     def tokenizer(self):
