@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .constraints import Constraint
 from .default_model import resolve_model
 from .errors import RequestError, UnknownSamplingOptionError
 from .modeldir import ModelDir
@@ -30,7 +31,8 @@ def sampling_params(params: SamplingParams | None = None, **sampling: Any) -> Sa
             raise RequestError("pass sampling options either as params or as keywords, "
                                "not both")
         return params
-    accepted = [f.name for f in dataclasses.fields(SamplingParams)]
+    _constraint_keywords(sampling)
+    accepted = [f.name for f in dataclasses.fields(SamplingParams)] + list(CONSTRAINT_KEYWORDS)
     unknown = [k for k in sampling if k not in accepted]
     if unknown:
         name = unknown[0]
@@ -40,6 +42,34 @@ def sampling_params(params: SamplingParams | None = None, **sampling: Any) -> Sa
             f"unknown sampling option {name!r}; {hint}accepted: {', '.join(accepted)}",
             field=name)
     return SamplingParams(**sampling)
+
+
+CONSTRAINT_KEYWORDS = ("response_format", "json_schema", "regex", "grammar")
+"""Shorthands for ``SamplingParams.constraint``: OpenAI's ``response_format`` dict, a JSON
+schema (dict or JSON text), a regular expression, or a Lark/GBNF grammar. One at most."""
+
+
+def _constraint_keywords(sampling: dict[str, Any]) -> None:
+    """Turn a constraint shorthand in ``sampling`` into its ``constraint`` (in place)."""
+    given = [k for k in CONSTRAINT_KEYWORDS if sampling.get(k) is not None]
+    for k in CONSTRAINT_KEYWORDS:
+        if k in sampling and sampling[k] is None:  # an explicit None means "none"
+            del sampling[k]
+    if not given:
+        return
+    if len(given) > 1 or sampling.get("constraint") is not None:
+        names = given + (["constraint"] if sampling.get("constraint") is not None else [])
+        raise RequestError(f"pass one constraint at most, got {', '.join(names)}")
+    name = given[0]
+    value = sampling.pop(name)
+    if name == "response_format":
+        sampling["constraint"] = Constraint.from_response_format(value)
+    elif name == "json_schema":
+        sampling["constraint"] = Constraint.json_schema(value)
+    elif name == "regex":
+        sampling["constraint"] = Constraint.regex(value)
+    else:
+        sampling["constraint"] = Constraint.grammar(value)
 
 
 @dataclass(frozen=True)
@@ -128,6 +158,7 @@ class Model:
         """
         params = sampling_params(params, **sampling)
         ids = self.encode_prompt(prompt)
+        self._compile(params)
         t = Timings(prompt_tokens=len(ids))
         start = time.perf_counter()
         first = None
@@ -156,6 +187,7 @@ class Model:
 
         params = sampling_params(params, **sampling)
         ids = self.encode_prompt(prompt)
+        self._compile(params)
         if self._front is None:  # one front per model: it holds no state but the loop
             self._front = AsyncEngine(self.runtime.loop)
         t = Timings(prompt_tokens=len(ids))
@@ -177,9 +209,21 @@ class Model:
         finally:
             await gen.aclose()  # aborts the engine request when we stop early
 
+    def _compile(self, params: SamplingParams) -> None:
+        """Compile the request's constraint here, on the caller's thread (cached), so that
+        the engine thread, which steps every running request, only finds it in the cache."""
+        if params.constraint is not None:
+            self.runtime.engine.constraints.compile(params.constraint)
+
     def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                  **sampling) -> str | list[str]:
-        """The whole reply to ``prompt`` (see :meth:`stream`); a list of replies when n > 1."""
+        """The whole reply to ``prompt`` (see :meth:`stream`); a list of replies when n > 1.
+
+        Structured output: ``response_format={"type": "json_schema", "json_schema":
+        {"schema": {...}}}`` (or ``{"type": "json_object"}``), or the shorthands
+        ``json_schema={...}``, ``regex="..."``, ``grammar="..."`` (Lark or GBNF); the reply
+        then always matches unless it is cut short (``finish_reason == "length"``).
+        ``logit_bias={token_id: bias}`` shifts single tokens (-100 bans, 100 forces)."""
         texts: dict[int, list[str]] = {}
         n = 1
         for chunk in self.stream(prompt, params, **sampling):

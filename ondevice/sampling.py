@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ondevice.constraints import Constraint
 from ondevice.errors import SamplingError
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
 
 MAX_LOGPROBS = 20
 """Largest number of alternatives `SamplingParams.logprobs` may ask for (the OpenAI limit)."""
+
+MAX_LOGIT_BIAS = 100.0
+"""``logit_bias`` values lie in [-100, 100] (OpenAI's range: -100 bans a token, 100 forces it)."""
 
 GREEDY_TEMPERATURE_EPS = 1e-5
 """Temperatures below this are treated as greedy: dividing by them overflows float32 logits."""
@@ -69,6 +73,32 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+def _check_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    # A mapping (OpenAI's JSON object, whose keys are strings of digits) or pairs.
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(items, (list, tuple)) and not isinstance(value, Mapping):
+        raise SamplingError(f"logit_bias must map token ids to numbers, got {value!r}"[:200],
+                            field="logit_bias")
+    out: dict[int, float] = {}
+    for pair in items:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise SamplingError("logit_bias must map token ids to numbers", field="logit_bias")
+        key, bias = pair
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
+            raise SamplingError(f"logit_bias keys must be token ids (integers >= 0), got "
+                                f"{key!r}"[:200], field="logit_bias")
+        bias = _check_real("logit_bias", bias)
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise SamplingError(f"logit_bias values must be in [-100, 100], got {_fmt(bias)}",
+                                field="logit_bias")
+        out[int(key)] = bias
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request.
@@ -99,6 +129,11 @@ class SamplingParams:
         n: Number of completions to generate for the prompt (>= 1).
         speculative: False opts this request out of the engine's speculative decoding (its
             output is the same either way for greedy; this only saves the proposal work).
+        constraint: A :class:`~ondevice.constraints.Constraint` (JSON schema, any JSON
+            object, regex or grammar) the reply must match; each of the ``n`` samples walks
+            its own matcher. Constrained requests are not speculated.
+        logit_bias: ``{token_id: bias}`` (or pairs) added to the logits before sampling, each
+            bias in [-100, 100]; stored as ``(token_id, bias)`` pairs sorted by id.
     """
 
     max_tokens: int = 256
@@ -116,6 +151,8 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     speculative: bool = True
+    constraint: Constraint | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalized values are written back with object.__setattr__ (the dataclass is frozen)
@@ -206,6 +243,11 @@ class SamplingParams:
         if n < 1:
             raise SamplingError(f"n must be >= 1, got {n}", field="n")
         put("n", n)
+
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise SamplingError(f"constraint must be a Constraint or None, got "
+                                f"{type(self.constraint).__name__}", field="constraint")
+        put("logit_bias", _check_logit_bias(self.logit_bias))
 
         if not isinstance(self.speculative, (bool, np.bool_)):
             raise SamplingError(f"speculative must be a bool, got {self.speculative!r}",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from ..batch import BatchInput
-from ..errors import RequestError
+from ..constraints import ConstraintCompiler
+from ..errors import RequestError, SamplingError
 from ..kv import KVCacheManager
 from ..sampling import Sampler, SampleResult, SamplingParams
 from ..settings import SpeculativeConfig
@@ -57,6 +59,8 @@ class Engine:
         self.num_prompt_tokens = 0
         self.num_steps = 0
         self.num_topk_steps = 0  # steps whose tokens were picked on the backend's device
+        self._constraints: ConstraintCompiler | None = None
+        self._mask_pool: ThreadPoolExecutor | None = None  # token masks beside the forward
         self.spec: Speculator | None = None
         if speculative is not None:
             if speculative.num_tokens + 1 > max_num_batched_tokens:
@@ -87,6 +91,25 @@ class Engine:
             )
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if params is not None:
+            bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+            if bad:
+                raise SamplingError(f"logit_bias names token {bad[0]}, outside the vocabulary "
+                                    f"[0, {self.vocab_size})", field="logit_bias")
+            if params.constraint is not None:
+                self.constraints.compile(params.constraint)  # cached: compiled once per text
+
+    @property
+    def constraints(self) -> ConstraintCompiler:
+        """The compiler and cache of decoding constraints (thread-safe: the fronts compile on
+        the caller's thread before submitting, so the engine thread finds them cached)."""
+        if self._constraints is None:
+            if self.tokenizer is None:
+                raise RequestError("decoding constraints need the model's tokenizer")
+            self._constraints = ConstraintCompiler(
+                self.tokenizer.backend.to_str(), self.vocab_size,
+                sorted(self.tokenizer.eos_token_ids))
+        return self._constraints
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
@@ -107,7 +130,10 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, skip_special_tokens=True,
                                            stop=req.params.stop)
         seq_id = req.request_id if index == 0 else f"{req.request_id}#{index}"
-        return Sequence(seq_id, req, index, token_ids, Sampler(req.params, index=index), detok)
+        seq = Sequence(seq_id, req, index, token_ids, Sampler(req.params, index=index), detok)
+        if req.params.constraint is not None:  # each sample walks its own copy
+            seq.matcher = self.constraints.compile(req.params.constraint).matcher()
+        return seq
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now; its blocks are free when this returns."""
@@ -149,7 +175,9 @@ class Engine:
             wants.append(1 + len(props) if start + n == len(seq.token_ids) else 0)
         batch = BatchInput.build(entries, self.block_size, logits_for=wants)
         sampled = [seq for (seq, _), w in zip(sched.scheduled, wants, strict=True) if w]
+        pending = self._start_masks(sampled)
         logits = self._forward(batch, sampled)
+        masks = pending.result() if pending is not None else {}
         self.num_steps += 1
         outputs: list[RequestOutput] = []
         row = 0
@@ -170,9 +198,9 @@ class Engine:
             req = seq.request
             if req.params.n > 1 and not req.forked:
                 self._fork(seq)
-                for child in req.seqs[1:]:
-                    outputs.extend(self._sample(child, row_logits))
-            outputs.extend(self._sample(seq, row_logits))
+                for child in req.seqs[1:]:  # fresh matchers: the parent's first mask fits
+                    outputs.extend(self._sample(child, row_logits, masks.get(seq)))
+            outputs.extend(self._sample(seq, row_logits, masks.get(seq)))
         return outputs
 
     def _forward(self, batch: BatchInput, sampled: list[Sequence]) -> np.ndarray | None:
@@ -220,6 +248,8 @@ class Engine:
             if seq.num_uncomputed != 1 or seq.num_output == 0:
                 continue  # prefill (or resuming after preemption): nothing to verify against
             p = seq.request.params
+            if p.constraint is not None or p.logit_bias:
+                continue  # verification samples the raw rows: no masks, no bias there
             remaining = min(p.max_tokens - seq.num_output,
                             self.context_limit - len(seq.token_ids)) - 1
             k = spec.wanted_k(seq, remaining)
@@ -267,9 +297,49 @@ class Engine:
                 break  # a stop inside the accepted run: the rest is not output
         return outputs
 
-    def _sample(self, seq: Sequence, logits: np.ndarray) -> list[RequestOutput]:
+    def _sample(self, seq: Sequence, logits: np.ndarray,
+                mask: np.ndarray | None = None) -> list[RequestOutput]:
         req = seq.request
-        return self._emit(seq, seq.sampler.sample(logits, req.prompt_ids, seq.output_ids))
+        if mask is not None or req.params.logit_bias:
+            logits = self._adjust(seq, logits, mask)
+        result = seq.sampler.sample(logits, req.prompt_ids, seq.output_ids)
+        if seq.matcher is not None and not seq.matcher.consume(result.token_id):
+            # Cannot happen with the mask applied; end the reply rather than the engine loop.
+            seq.matcher = None
+        return self._emit(seq, result)
+
+    # -- constraints and logit bias ---------------------------------------------------------
+    def _start_masks(self, sampled: list[Sequence]) -> Future | None:
+        """Compute the token masks of the constrained rows on a worker thread while the
+        backend runs the forward pass (llguidance releases the GIL)."""
+        constrained = [s for s in sampled if s.matcher is not None]
+        if not constrained:
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="ondevice-masks")
+        compiler = self.constraints
+
+        def work() -> dict[Sequence, np.ndarray]:
+            rows = compiler.masks([s.matcher for s in constrained])
+            return dict(zip(constrained, rows, strict=True))
+
+        return self._mask_pool.submit(work)
+
+    def _adjust(self, seq: Sequence, logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """A copy of the row with the request's logit bias added and disallowed tokens at
+        -inf. A mask that allows nothing (a matcher in an error state) allows end of
+        sequence, so the reply ends instead of the sampler failing."""
+        row = np.array(logits, dtype=np.float32, copy=True)
+        bias = seq.request.params.logit_bias
+        if bias:
+            ids = np.fromiter((t for t, _ in bias), dtype=np.int64, count=len(bias))
+            row[ids] += np.fromiter((b for _, b in bias), dtype=np.float32, count=len(bias))
+        if mask is not None:
+            if not mask.any():
+                mask = np.zeros_like(mask)
+                mask[[t for t in self._eos if t < self.vocab_size]] = True
+            row[~mask] = -np.inf
+        return row
 
     def _emit(self, seq: Sequence, result: SampleResult) -> list[RequestOutput]:
         """Append one chosen token to the sequence, stream it, and finish it if it stops."""
@@ -288,6 +358,8 @@ class Engine:
             finish = "stop"
         elif (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
+        elif p.constraint is not None and (seq.matcher is None or seq.matcher.is_stopped):
+            finish = "stop"  # the constraint is complete: nothing more may follow
         elif seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.context_limit:
             finish = "length"
         if finish and seq.detok is not None and not seq.detok.stopped:
@@ -378,4 +450,5 @@ def _plain_greedy(p: SamplingParams) -> bool:
     """Greedy (by the sampler's own definition, ``is_greedy``) with nothing that needs the
     whole row: no penalties, no logprobs."""
     return (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and p.constraint is None and not p.logit_bias)

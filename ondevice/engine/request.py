@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ..constraints import Matcher
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 
@@ -40,6 +41,9 @@ class Sequence:
     num_computed: int = 0
     num_output: int = 0
     finish_reason: str | None = None
+    # The sequence's place in its request's decoding constraint (ondevice.constraints.Matcher);
+    # it has consumed exactly the output tokens, so it survives preemption as it is.
+    matcher: Matcher | None = None
 
     @property
     def output_ids(self) -> list[int]:
