@@ -100,9 +100,10 @@ def test_claimed_layer_count_from_gguf_block_count(tmp_path):
 def test_claimed_layer_count_peak_rss_of_the_cli(tmp_path):
     """The whole process (the issue measured RSS): the CLI on a 2**24-layer config."""
     path = model_with(tmp_path, num_hidden_layers=1 << 24)
-    code = ("import resource, sys\nfrom ondevice.apps.cli import main\nsys.argv = ['ondevice', "
-            f"'info', {str(path)!r}]\ntry:\n    main()\nexcept SystemExit as e:\n    "
-            "print(e.code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM (peak_rss_bytes), not ru_maxrss: the latter inherits a large parent's peak.
+    code = ("import sys\nfrom ondevice.apps.cli import main\nfrom ondevice.memory import "
+            f"peak_rss_bytes\nsys.argv = ['ondevice', 'info', {str(path)!r}]\ntry:\n    main()\n"
+            "except SystemExit as e:\n    print(e.code, peak_rss_bytes() // 1024)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     exit_code, peak_kib = p.stdout.split()
     assert exit_code == "1" and "implausibly large" in p.stderr and "Traceback" not in p.stderr
