@@ -19,10 +19,10 @@ import numpy as np
 
 from ..backends.numpy_backend import NumpyBackend
 from ..batch import BatchInput
-from ..errors import ModelFormatError, OndeviceError
-from ..modeldir import ModelDir
 from ..converters.coreml.exporter import read_manifest
 from ..converters.coreml.interpreter import MILInterpreter
+from ..errors import ModelFormatError, OndeviceError
+from ..modeldir import ModelDir
 
 PROMPT = "The capital of France is Paris. Once upon a time there was a tiny model that"
 # Pass criteria per export. Float16 must reproduce the reference's greedy tokens; quantized
