@@ -323,11 +323,14 @@ def generate(model, backend, prompt, raw, system, max_tokens, stop, ignore_eos,
               help="Output model directory, or OUT.mlpackage with --to coreml.")
 @click.option("--to", "target", type=click.Choice(["ondevice", "coreml"]), default="ondevice",
               show_default=True, help="Output format.")
-@click.option("--quantize", "-q", type=click.Choice(["f32", "f16", "q8", "q4", "int8", "int4"]),
+@click.option("--quantize", "-q",
+              type=click.Choice(["keep", "f32", "f16", "q8", "q4", "int8", "int4"]),
               default=None,
-              help="ondevice: f32 (default), f16, q8, q4; coreml: f16 (default), int8, int4.")
+              help="ondevice: keep (default: the source's own quantization, a GGUF's imported "
+                   "without re-quantizing), f32, f16, q8, q4; coreml: f16 (default), int8, "
+                   "int4.")
 @click.option("--group-size", type=int, default=64, show_default=True,
-              help="Quantization group size (MLX affine).")
+              help="Group size of q8/q4 (MLX affine).")
 @click.option("--max-context", type=int, default=None,
               help="coreml: longest sequence [default: the model's, at most 2048].")
 @click.option("--block-size", type=int, default=None, help="coreml: tokens per KV block [16].")
@@ -360,9 +363,9 @@ def convert(src, out, target, quantize, group_size, max_context, block_size, num
     if quantize in ("int8", "int4"):
         raise ConversionError(
             f"--quantize {quantize} is for --to coreml; ondevice model directories take "
-            "f32, f16, q8 or q4"
+            "keep, f32, f16, q8 or q4"
         )
-    path = run_convert(src, out, quantize=quantize or "f32", group_size=group_size, force=force)
+    path = run_convert(src, out, quantize=quantize or "keep", group_size=group_size, force=force)
     click.echo(f"wrote {path}")
 
 
