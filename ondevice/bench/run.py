@@ -365,6 +365,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  {r['backend'] + '-' + r['quantize']:<18}{pts}")
     for name, why in report["unavailable_backends"].items():
         lines.append(f"{name}: not run ({why})")
-    lines.append("ratios: ours / peer, decode/prefill, from the figures measured in this run")
+    if peer_names:  # without peers there are no ratio columns to explain
+        lines.append("ratios: ours / peer, decode/prefill, from the figures measured in this "
+                     "run")
     return "\n".join(lines)
 

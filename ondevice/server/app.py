@@ -13,7 +13,8 @@ Hostile clients: bodies are read with a hard byte limit whatever the transfer en
 within a time limit; text that certainly cannot fit the context is refused before it is
 tokenized; one request may not ask for more sequences than the server queues; JSON endpoints
 take only JSON content types (a browser's "simple" cross-origin POST is refused), and the
-``Host`` header must name this server (DNS rebinding); no CORS headers are sent.
+``Host`` header must name this server (DNS rebinding); no CORS headers are sent unless the
+server was given origins to allow (``cors_origins``).
 
 Disconnects: while a request runs, a task waits on the ASGI ``receive`` channel; the
 ``http.disconnect`` it gets when the client goes away cancels the request's work, which aborts
@@ -46,6 +47,8 @@ from ..engine.request import RequestOutput
 from ..errors import RequestError, TokenizerError
 from ..sampling import SamplingParams
 from . import protocol as P
+from .cors import CORSGuard, normalize_origin
+from .page import page_routes
 
 log = logging.getLogger("ondevice.server")
 
@@ -660,6 +663,58 @@ class OpenAIServer:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "ondevice"}
 
+    async def tokenize(self, request: Request) -> Response:
+        """llama-server's ``POST /tokenize``: ``{"content": TEXT, "add_special": false,
+        "with_pieces": false}`` -> ``{"tokens": [ids]}``, or with pieces
+        ``{"tokens": [{"id": ID, "piece": TEXT}]}`` (a piece that is not whole UTF-8 is a
+        list of byte values, as llama-server gives it)."""
+        self.authorize(request)
+        body = await self._read_json(request)
+        if not isinstance(body, dict):
+            raise P.invalid(None, "the request body must be a JSON object")
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise P.invalid("content", "'content' must be a string")
+        add_special = P._bool(body, "add_special")
+        with_pieces = P._bool(body, "with_pieces")
+        self.check_text([content], "content")
+        try:
+            ids = await run_in_threadpool(self.model.tokenizer.encode, content, add_special)
+        except TokenizerError as err:
+            raise P.invalid("content", str(err)) from None
+        if not with_pieces:
+            return _json({"tokens": ids})
+        pieces = []
+        for tid in ids:
+            raw = bytes(self.tokens.get(tid)[1])
+            try:
+                piece: str | list[int] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                piece = list(raw)
+            pieces.append({"id": tid, "piece": piece})
+        return _json({"tokens": pieces})
+
+    async def detokenize(self, request: Request) -> Response:
+        """llama-server's ``POST /detokenize``: ``{"tokens": [ids]}`` -> ``{"content": TEXT}``.
+        Ids outside the vocabulary are a 400 naming the first one."""
+        self.authorize(request)
+        body = await self._read_json(request)
+        if not isinstance(body, dict):
+            raise P.invalid(None, "the request body must be a JSON object")
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise P.invalid("tokens", "'tokens' must be a list of token ids (integers)")
+        vocab = self.model.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise P.invalid("tokens", f"token id {bad} is outside the vocabulary "
+                                      f"(0..{vocab - 1})")
+        if len(ids) > self.runtime.context_limit * 16:  # bounded work, like prompts
+            raise P.invalid("tokens", f"at most {self.runtime.context_limit * 16} tokens")
+        text = await run_in_threadpool(self.model.tokenizer.decode, ids)
+        return _json({"content": text})
+
     async def health(self, request: Request) -> Response:
         if self.closing:
             return _json({"status": "shutting_down", "model": self.model_name}, 503)
@@ -698,12 +753,14 @@ def _prometheus(engine: dict[str, Any], server: dict[str, Any]) -> str:
 
 def create_app(model, *, model_name: str | None = None, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, allowed_hosts: Iterable[str] = (),
-               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> Starlette:
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, cors_origins: Iterable[str] = (),
+               ) -> Starlette:
     """An ASGI app serving ``model`` (an :class:`ondevice.Model`) over the OpenAI API.
 
     Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streaming with SSE
     or not), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (JSON engine and server
-    stats; ``?format=prometheus`` for Prometheus text).
+    stats; ``?format=prometheus`` for Prometheus text), ``POST /tokenize`` and
+    ``POST /detokenize`` (llama-server's shapes), and the chat page at ``GET /``.
 
     Args:
         model: the loaded model. Several apps may share it: their requests batch together.
@@ -718,9 +775,13 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
             ``localhost``, ``127.0.0.1`` and ``::1`` (``"*"``: any). Others get 403, which
             keeps DNS-rebinding web pages out.
         body_timeout: seconds a client has to send its request body (then 408).
+        cors_origins: web origins (``scheme://host[:port]``, ``"*"`` for any) whose pages
+            may call the API from a browser: their preflights are answered and their replies
+            carry ``Access-Control-Allow-Origin``. Default: none.
 
-    No CORS headers are sent, and JSON endpoints take only JSON content types, so a web page
-    in a browser can neither post to the server without a preflight nor read its replies.
+    Without ``cors_origins`` no CORS headers are sent, and JSON endpoints take only JSON
+    content types, so a web page in a browser can neither post to the server without a
+    preflight nor read its replies.
 
     Serve it with uvicorn (asyncio), e.g. :func:`ondevice.server.serve` or
     :class:`ondevice.server.ServerThread`. On lifespan shutdown the requests still running
@@ -728,6 +789,8 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     """
     state = OpenAIServer(model, model_name=model_name or model.path.name, api_key=api_key,
                          max_queue=max_queue, body_timeout=body_timeout)
+    # Checked now (ValueError), not when the first request builds the middleware stack.
+    cors_origins = tuple(normalize_origin(o) for o in cors_origins)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -748,9 +811,13 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
         Route("/v1/models/{model:path}", _endpoint(state.get_model), methods=["GET"]),
         Route("/health", _endpoint(state.health), methods=["GET"]),
         Route("/metrics", _endpoint(state.metrics), methods=["GET"]),
+        Route("/tokenize", _endpoint(state.tokenize), methods=["POST"]),
+        Route("/detokenize", _endpoint(state.detokenize), methods=["POST"]),
+        *page_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error},
-                    middleware=[Middleware(HostGuard, allowed_hosts=tuple(allowed_hosts))])
+                    middleware=[Middleware(HostGuard, allowed_hosts=tuple(allowed_hosts)),
+                                Middleware(CORSGuard, origins=tuple(cors_origins))])
     app.state.ondevice = state
     return app

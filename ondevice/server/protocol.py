@@ -97,6 +97,25 @@ def _number(body: Mapping[str, Any], name: str, default: float | None = None) ->
     return float(value)
 
 
+OPENAI_RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
+"""OpenAI's documented ranges. The engine accepts wider ones (any temperature >= 0); over
+HTTP a client written against OpenAI gets the same 400 it would get there."""
+
+
+def _ranged(body: Mapping[str, Any], name: str, default: float) -> float:
+    value = _number(body, name, default)
+    assert value is not None
+    lo, hi = OPENAI_RANGES[name]
+    if not lo <= value <= hi:
+        raise invalid(name, f"'{name}' must be between {lo:g} and {hi:g}, got {_show(value)}")
+    return value
+
+
 def _bool(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
     value = body.get(name)
     if value is None:
@@ -220,10 +239,10 @@ def _options(body: Mapping[str, Any], *, chat: bool) -> GenerationOptions:
         _unsupported(body, "logit_bias", "token biases")
     return GenerationOptions(
         model=model, max_tokens=max_tokens, max_tokens_param=max_param,
-        temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
+        temperature=_ranged(body, "temperature", 1.0), top_p=_ranged(body, "top_p", 1.0),
         n=n, stop=_stop(body), seed=_int(body, "seed"),
-        presence_penalty=_number(body, "presence_penalty", 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        presence_penalty=_ranged(body, "presence_penalty", 0.0),
+        frequency_penalty=_ranged(body, "frequency_penalty", 0.0),
         logprobs=logprobs, logprobs_param=logprobs_param, stream=stream,
         include_usage=include_usage, top_k=_int(body, "top_k", 0),
         min_p=_number(body, "min_p", 0.0),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -89,7 +88,8 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
           log_level: str = "info", allowed_hosts: Sequence[str] = (),
           body_timeout: float = DEFAULT_BODY_TIMEOUT,
           keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
-          header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+          cors_origins: Sequence[str] = ()) -> None:
     """Serve a model over the OpenAI API until Ctrl-C or SIGTERM (blocking).
 
     Args:
@@ -107,6 +107,10 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
         body_timeout: seconds a client has to send a request body (then 408).
         keep_alive_timeout: seconds an idle connection is kept open.
         header_timeout: seconds a connection has to send a complete request head.
+        cors_origins: web origins whose pages may call the API (see :func:`create_app`);
+            none by default.
+
+    The address it serves at is logged (INFO) on the ``ondevice.server`` logger.
     """
     from ..api import Model, load
     from ..default_model import DEFAULT_MODEL_NAME
@@ -119,7 +123,8 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
             model_name = DEFAULT_MODEL_NAME if model is None else m.path.name
         # The bound name is accepted as a Host too (e.g. --host myhost.local).
         app = create_app(m, model_name=model_name, api_key=api_key, max_queue=max_queue,
-                         allowed_hosts=(host, *allowed_hosts), body_timeout=body_timeout)
+                         allowed_hosts=(host, *allowed_hosts), body_timeout=body_timeout,
+                         cors_origins=cors_origins)
         if not _is_loopback(host) and not api_key:
             log.warning("listening on %s without an API key: anyone who can reach this "
                         "address can use the model", host)
@@ -128,8 +133,10 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
                                 timeout_keep_alive=keep_alive_timeout,
                                 http=_protocol(header_timeout))
         shown = f"[{host}]" if ":" in host else host
-        print(f"ondevice: serving {model_name!r} ({m.backend}) at http://{shown}:{port}/v1",
-              file=sys.stderr, flush=True)
+        log.info("serving %r (%s) at http://%s:%d/v1 (chat page: http://%s:%d/)",
+                 model_name, m.backend, shown, port, shown, port)
+        if cors_origins:
+            log.info("CORS: pages from %s may call the API", ", ".join(cors_origins))
         _Uvicorn(config, app.state.ondevice, drain_timeout).run()
     finally:
         if own:
