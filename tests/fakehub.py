@@ -199,5 +199,5 @@ class FakeHub:
             req.send_header(k, v)
         req.send_header("Content-Length", str(len(body) if length is None else length))
         req.end_headers()
-        if body:
+        if body and req.command != "HEAD":
             req.wfile.write(body)

@@ -48,6 +48,7 @@ from ..errors import RequestError, TokenizerError
 from ..sampling import SamplingParams
 from . import protocol as P
 from .cors import CORSGuard, normalize_origin
+from .names import served_names
 from .page import page_routes
 
 log = logging.getLogger("ondevice.server")
@@ -300,7 +301,7 @@ class OpenAIServer:
     mutable state is touched from the event loop only.
     """
 
-    def __init__(self, model, *, model_name: str, api_key: str | None, max_queue: int,
+    def __init__(self, model, *, model_name: str | None, api_key: str | None, max_queue: int,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
@@ -309,7 +310,7 @@ class OpenAIServer:
         self.model = model
         self.runtime = model.runtime
         self.front = AsyncEngine(self.runtime.loop)
-        self.model_name = model_name
+        self.model_name, self.model_names, self.model_meta = served_names(model, model_name)
         self._api_key = api_key.encode() if api_key else None
         self.max_queue = max_queue
         self.body_timeout = body_timeout
@@ -340,7 +341,7 @@ class OpenAIServer:
                              headers={"WWW-Authenticate": "Bearer"})
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name not in self.model_names:
             shown = name if len(name) <= 80 else name[:77] + "..."
             raise P.APIError(404, f"the model {shown!r} does not exist; this server serves "
                                   f"{self.model_name!r}", param="model", code="model_not_found")
@@ -661,7 +662,7 @@ class OpenAIServer:
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "ondevice"}
+                "owned_by": "ondevice", **self.model_meta}
 
     async def tokenize(self, request: Request) -> Response:
         """llama-server's ``POST /tokenize``: ``{"content": TEXT, "add_special": false,
@@ -765,8 +766,10 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     Args:
         model: the loaded model. Several apps may share it: their requests batch together.
             The app does not close it; stop serving before closing it.
-        model_name: the id clients use in ``"model"`` (default: the model directory's
-            name); requests naming another model get 404, requests naming none are served.
+        model_name: the id clients use in ``"model"`` (default: the model's store name, else
+            its directory's name; the other names of its store entry, e.g. the alias it was
+            pulled by, are accepted too); requests naming another model get 404, requests
+            naming none are served.
         api_key: when set, every route except ``/health`` needs ``Authorization: Bearer KEY``.
         max_queue: sequences that may wait beyond the engine's running batch
             (``max_num_seqs``); requests past that get 429. One request may bring at most
@@ -787,7 +790,7 @@ def create_app(model, *, model_name: str | None = None, api_key: str | None = No
     :class:`ondevice.server.ServerThread`. On lifespan shutdown the requests still running
     are aborted.
     """
-    state = OpenAIServer(model, model_name=model_name or model.path.name, api_key=api_key,
+    state = OpenAIServer(model, model_name=model_name, api_key=api_key,
                          max_queue=max_queue, body_timeout=body_timeout)
     # Checked now (ValueError), not when the first request builds the middleware stack.
     cors_origins = tuple(normalize_origin(o) for o in cors_origins)

@@ -100,7 +100,8 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
         host, port: where to listen; loopback only by default.
         max_queue: sequences that may wait beyond the running batch before 429.
         api_key: require ``Authorization: Bearer KEY`` (all routes but ``/health``).
-        model_name: the id clients pass as ``"model"`` (default: the model's name).
+        model_name: the id clients pass as ``"model"`` (default: the model's store name;
+            the names of its store entry are accepted too).
         drain_timeout: seconds in-flight requests get to finish at shutdown.
         allowed_hosts: ``Host`` names accepted besides ``host``, localhost, 127.0.0.1 and
             ::1 (``"*"``: any); see :func:`create_app`.
@@ -113,14 +114,12 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
     The address it serves at is logged (INFO) on the ``ondevice.server`` logger.
     """
     from ..api import Model, load
-    from ..default_model import DEFAULT_MODEL_NAME
+    from ..store import Store
 
     own = not isinstance(model, Model)
     m = load(model, backend, kv_memory=kv_memory, engine=engine, options=options) if own \
         else model
     try:
-        if model_name is None:
-            model_name = DEFAULT_MODEL_NAME if model is None else m.path.name
         # The bound name is accepted as a Host too (e.g. --host myhost.local).
         app = create_app(m, model_name=model_name, api_key=api_key, max_queue=max_queue,
                          allowed_hosts=(host, *allowed_hosts), body_timeout=body_timeout,
@@ -134,10 +133,11 @@ def serve(model=None, *, backend: str = "auto", host: str = DEFAULT_HOST,
                                 http=_protocol(header_timeout))
         shown = f"[{host}]" if ":" in host else host
         log.info("serving %r (%s) at http://%s:%d/v1 (chat page: http://%s:%d/)",
-                 model_name, m.backend, shown, port, shown, port)
+                 app.state.ondevice.model_name, m.backend, shown, port, shown, port)
         if cors_origins:
             log.info("CORS: pages from %s may call the API", ", ".join(cors_origins))
-        _Uvicorn(config, app.state.ondevice, drain_timeout).run()
+        with Store().hold(m.path):  # `ondevice rm` refuses a model being served
+            _Uvicorn(config, app.state.ondevice, drain_timeout).run()
     finally:
         if own:
             m.close()
