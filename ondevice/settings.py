@@ -57,6 +57,16 @@ def env_any(name: str) -> str | None:
     return value or None
 
 
+# The variable the cloud API key is read from unless the cloud config names another.
+CLOUD_KEY_VARIABLE = "ONDEVICE_CLOUD_API_KEY"
+
+
+def cloud_settings() -> dict[str, str | None]:
+    """The cloud endpoint's settings from the environment: ``url``, ``model``, ``config``."""
+    return {"url": env("ONDEVICE_CLOUD_URL"), "model": env("ONDEVICE_CLOUD_MODEL"),
+            "config": env("ONDEVICE_CLOUD_CONFIG")}
+
+
 def server_api_key() -> str | None:
     """The key ``ondevice serve`` requires when no ``--api-key`` is given."""
     return env("ONDEVICE_API_KEY")
@@ -100,10 +110,11 @@ class SpeculativeConfig:
     ``method``: ``"prompt_lookup"`` (continue the latest earlier occurrence of the last
     n-gram of prompt + output, for n from ``ngram_max`` down to ``ngram_min``; no second
     model) or ``"draft"`` (a smaller model with the same tokenizer, ``draft_model``, on its own
-    backend ``draft_backend`` — None: the target's — and its own KV pool). ``max_batch_rows``:
-    speculation only fills a step up to this many query rows (decode rows included), so a
-    batch that is already large is not slowed down; ``adaptive`` shrinks k per sequence when
-    its proposals are rejected.
+    backend ``draft_backend`` — None: the target's — and its own KV pool). ``adaptive``: k per
+    sequence and step is the one that maximizes the step's throughput at the measured cost of
+    its rows and the sequence's running acceptance rate, so k shrinks when proposals are
+    rejected and speculation stops on a batch that is already large (False: always k).
+    ``max_batch_rows``: speculation never fills a step beyond this many query rows.
     """
 
     method: str = "prompt_lookup"
@@ -112,7 +123,7 @@ class SpeculativeConfig:
     draft_backend: str | None = None
     ngram_min: int = 1
     ngram_max: int = 4
-    max_batch_rows: int = 16
+    max_batch_rows: int = 64
     adaptive: bool = True
 
     def __post_init__(self) -> None:

@@ -2,7 +2,8 @@
 ``/v1/chat/completions`` (and ``/v1/completions`` for raw text).
 
 The API key lives in a :class:`Secret`, whose ``repr``/``str`` are ``***``; it is read from an
-environment variable (``ONDEVICE_CLOUD_API_KEY`` unless the config names another) or the
+environment variable (``CLOUD_API_KEY`` in :mod:`ondevice.settings` unless the config names
+another) or the
 config file, and it only ever leaves this module as an ``Authorization`` header.
 """
 
@@ -22,16 +23,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import CloudError, PolicyConfigError
+from ..settings import CLOUD_KEY_VARIABLE, cloud_settings, env_any, home_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-DEFAULT_KEY_ENV = "ONDEVICE_CLOUD_API_KEY"
-CONFIG_ENV = "ONDEVICE_CLOUD_CONFIG"
-URL_ENV = "ONDEVICE_CLOUD_URL"
-MODEL_ENV = "ONDEVICE_CLOUD_MODEL"
+DEFAULT_KEY_ENV = CLOUD_KEY_VARIABLE
 
 
 # Longest error detail from an endpoint kept in a CloudError message (after scrubbing).
@@ -193,20 +192,19 @@ class CloudConfig:
             raise PolicyConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
         kwargs = {k: v for k, v in data.items() if k in known}
         key_env = str(data.get("api_key_env", DEFAULT_KEY_ENV))
-        key = os.environ.get(key_env) or data.get("api_key")
+        key = env_any(key_env) or data.get("api_key")
         return cls(**kwargs, api_key=Secret(str(key)) if key else None)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, url: str | None = None
              ) -> CloudConfig | None:
-        """The cloud configuration: ``path``, else ``$ONDEVICE_CLOUD_CONFIG``, else
-        ``cloud.toml`` in the ondevice home; ``url`` (or ``$ONDEVICE_CLOUD_URL``) overrides
+        """The cloud configuration: ``path``, else the environment's (``cloud_settings()``),
+        else ``cloud.toml`` in the ondevice home; ``url`` (or the environment's) overrides
         the file's URL. None when no cloud is configured."""
-        from ..default_model import home
-
+        from_env = cloud_settings()
         data: dict[str, Any] = {}
-        p = Path(path) if path else Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) \
-            else home() / "cloud.toml"
+        p = Path(path) if path else Path(from_env["config"]) if from_env["config"] \
+            else home_dir() / "cloud.toml"
         if path and not p.is_file():
             raise PolicyConfigError(f"cloud config {p} not found")
         if p.is_file():
@@ -225,11 +223,11 @@ class CloudConfig:
             data = data.get("cloud", data)
             if not isinstance(data, dict):
                 raise PolicyConfigError(f"cloud config {p}: [cloud] is not a table")
-        url = url or os.environ.get(URL_ENV)
+        url = url or from_env["url"]
         if url:
             data = dict(data, url=url)
-        if os.environ.get(MODEL_ENV) and data:
-            data = dict(data, model=os.environ[MODEL_ENV])
+        if from_env["model"] and data:
+            data = dict(data, model=from_env["model"])
         if not data:
             return None
         return cls.from_dict(data, source=f"cloud config {p}")
