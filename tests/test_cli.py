@@ -181,7 +181,9 @@ def test_model_gguf_path_is_converted_once(tmp_path, monkeypatch):
     for _ in range(2):
         r = run("generate", "-m", str(src), "-p", "hi", "-n", "2", "--json")
         assert r.exit_code == 0, r.output
-    assert len(list((tmp_path / "home" / "models").iterdir())) == 1
+    from ondevice.store import Store  # imported once, as one store entry
+
+    assert [e.name for e in Store(tmp_path / "home" / "store").entries()] == ["m:gguf"]
 
 
 def test_chat_prompt_cache_saved_then_loaded(tiny_model_dir, tmp_path):

