@@ -364,11 +364,21 @@ def chat(model, backend, system, max_tokens, prompt_cache, policy, cloud_url,
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not printed.")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
+@click.option("--json-schema", "json_schema", default=None, metavar="FILE",
+              help="Constrain the reply to the JSON schema in FILE.")
+@click.option("--regex", default=None, metavar="RE",
+              help="Constrain the reply to match the regular expression RE.")
+@click.option("--grammar", default=None, metavar="FILE",
+              help="Constrain the reply to the Lark (or GBNF) grammar in FILE.")
 def generate(model, backend, prompt, raw, system, max_tokens, stop, ignore_eos,
-             as_json, **sampling) -> None:
+             as_json, json_schema, regex, grammar, **sampling) -> None:
     """Generate a reply to one prompt."""
+    from ..constraints import constraint_from_options
+
     flags = _split(sampling)
-    params = _params(max_tokens, stop=stop, ignore_eos=ignore_eos, **sampling)
+    constraint = constraint_from_options(json_schema, regex, grammar)
+    params = _params(max_tokens, stop=stop, ignore_eos=ignore_eos, constraint=constraint,
+                     **sampling)
     m = _load(model, backend, **flags)
     if raw:
         ids = m.encode_prompt(prompt)

@@ -26,7 +26,7 @@ import numpy as np
 from .errors import SamplingError
 
 __all__ = ["CompiledConstraint", "Constraint", "ConstraintCompiler", "ConstraintError",
-           "Matcher", "compute_masks"]
+           "Matcher", "compute_masks", "constraint_from_options"]
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
 
@@ -165,6 +165,29 @@ class Constraint:
     def describe(self) -> str:
         """A short label for messages: ``json_schema (312 chars)``."""
         return self.kind if self.kind == "json_object" else f"{self.kind} ({len(self.spec)} chars)"
+
+
+def constraint_from_options(json_schema_file: str | None = None, regex: str | None = None,
+                            grammar_file: str | None = None) -> Constraint | None:
+    """The constraint of command-line style options: a JSON schema file, a regex, or a
+    grammar file (one at most). Unreadable files are a one-line :class:`ConstraintError`."""
+    given = [(k, v) for k, v in (("--json-schema", json_schema_file), ("--regex", regex),
+                                 ("--grammar", grammar_file)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConstraintError(f"{given[0][0]} and {given[1][0]} both constrain the reply; "
+                              f"pass one")
+    flag, value = given[0]
+    if flag == "--regex":
+        return Constraint.regex(value)
+    try:
+        with open(value, encoding="utf-8") as f:
+            text = f.read(MAX_SPEC_CHARS + 1)
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConstraintError(f"cannot read {flag} file {value}: {reason}") from None
+    return Constraint.json_schema(text) if flag == "--json-schema" else Constraint.grammar(text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -41,12 +42,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..constraints import ConstraintError
 from ..engine import AsyncEngine
 from ..engine.frontends import AsyncGeneration
 from ..engine.request import RequestOutput
-from ..errors import RequestError, TokenizerError
+from ..errors import RequestError, SamplingError, TokenizerError
 from ..sampling import SamplingParams
 from . import protocol as P
+from . import tools as T
 from .cors import CORSGuard, normalize_origin
 from .names import served_names
 from .page import page_routes
@@ -168,6 +171,7 @@ class _Run:
     entry: _Admitted
     prompts: list[list[int]]
     params: SamplingParams
+    tools: T.ToolRequest | None = None  # chat with tools: replies may become tool_calls
 
     @property
     def num_choices(self) -> int:
@@ -466,16 +470,33 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Any:
         self.authorize(request)
-        req = P.parse_chat(await self._read_json(request))
-        self.check_model(req.options.model)
-        self.check_size(1, req.options.n)
+        body = await self._read_json(request)
+        req = P.parse_chat(body)
+        tools = T.parse_tools(body)
+        options = req.options
+        forced = tools.constraint() if tools is not None else None
+        if forced is not None:
+            if options.constraint is not None:
+                raise P.invalid("response_format", "'response_format' cannot be combined with "
+                                                   "a forced tool call ('tool_choice')")
+            options = dataclasses.replace(options, constraint=forced)
+        self.check_model(options.model)
+        self.check_size(1, options.n)
         self.check_text((m["content"] for m in req.messages), "messages")
+        tokenizer = self.model.tokenizer
+        messages, extra = T.render(req.messages, tools,
+                                   T.template_takes_tools(tokenizer.chat_template))
         try:
-            ids = await run_in_threadpool(self.model.encode_prompt, req.messages)
+            if extra or messages != req.messages:
+                ids = await run_in_threadpool(
+                    lambda: tokenizer.encode_chat(messages, add_generation_prompt=True, **extra))
+            else:
+                ids = await run_in_threadpool(self.model.encode_prompt, req.messages)
         except TokenizerError as err:
             raise P.invalid("messages", str(err)) from None
         default_max = max(1, self.runtime.context_limit - len(ids))  # the rest of the context
-        return await self._generate(request, True, [ids], req.options, default_max)
+        return await self._generate(request, True, [ids], options, default_max,
+                                    tools=tools if tools is not None and tools.active else None)
 
     async def completions(self, request: Request) -> Any:
         self.authorize(request)
@@ -503,6 +524,9 @@ class OpenAIServer:
         entry = self.admit(len(prompts) * params.n)
         try:
             entry.gen = await self.front.submit(prompts, params)
+        except SamplingError as err:  # checked before; the engine checks again
+            self.release(entry)
+            raise P.invalid(err.field, str(err)) from None
         except RequestError as err:
             self.release(entry)
             if err.code == "model_closed":
@@ -517,11 +541,31 @@ class OpenAIServer:
             entry.gen.fail(_shutting_down())
         return entry
 
+    async def _check_constraints(self, params: SamplingParams, tools: T.ToolRequest | None,
+                                 ) -> None:
+        """400 for a logit bias outside the vocabulary or a constraint the compiler rejects;
+        the compile runs here, off the engine thread, and lands in the engine's cache."""
+        vocab = self.runtime.engine.vocab_size
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise P.invalid("logit_bias", f"'logit_bias' names token {bad}, outside the "
+                                          f"vocabulary (0..{vocab - 1})")
+        if params.constraint is None:
+            return
+        param = "tools" if tools is not None and tools.constraint() is not None \
+            else "response_format"
+        try:
+            await run_in_threadpool(self.runtime.engine.constraints.compile, params.constraint)
+        except (ConstraintError, RequestError) as err:
+            raise P.invalid(param, str(err)) from None
+
     async def _generate(self, request: Request, chat: bool, prompts: list[list[int]],
-                        options: P.GenerationOptions, default_max: int) -> Any:
+                        options: P.GenerationOptions, default_max: int,
+                        tools: T.ToolRequest | None = None) -> Any:
         params = options.sampling_params(default_max)
+        await self._check_constraints(params, tools)
         entry = await self._submit(prompts, params, "messages" if chat else "prompt")
-        run = _Run(entry, prompts, params)
+        run = _Run(entry, prompts, params, tools)
         head = P.ResponseHeader.new("chatcmpl" if chat else "cmpl", self.model_name,
                                     self.fingerprint)
         if options.stream:
@@ -581,8 +625,11 @@ class OpenAIServer:
             text = "".join(c.texts)
             if chat:
                 lp = {"content": c.chat_logprobs, "refusal": None} if want_logprobs else None
-                body.append({"index": k, "message": {"role": "assistant", "content": text},
-                             "logprobs": lp, "finish_reason": c.finish_reason})
+                message, reason = {"role": "assistant", "content": text}, c.finish_reason
+                if run.tools is not None:
+                    message, reason = T.final_message(text, reason, run.tools)
+                body.append({"index": k, "message": message, "logprobs": lp,
+                             "finish_reason": reason})
             else:
                 lp = c.completion_logprobs.to_dict() if want_logprobs else None
                 body.append({"index": k, "text": text, "logprobs": lp,
@@ -599,6 +646,7 @@ class OpenAIServer:
         want_logprobs = run.params.logprobs is not None
         usage_on = options.include_usage
         chunk = P.chat_chunk if chat else P.completion_chunk
+        calls = [T.ToolCallStream(run.tools) for _ in choices] if run.tools else None
         try:
             if chat:  # OpenAI opens every choice with the role
                 for k in range(len(choices)):
@@ -623,7 +671,20 @@ class OpenAIServer:
                             c.completion_logprobs.add(self.tokens, tid, out.logprob,
                                                       out.top_logprobs)
                             lp = c.completion_logprobs.last()
-                    if chat:
+                    if chat and calls is not None:  # text may become tool_calls deltas
+                        deltas = calls[k].feed(out.text)
+                        reason = out.finish_reason
+                        if reason in ("stop", "length"):
+                            more, reason = calls[k].finish(reason)
+                            deltas += more
+                        for delta in deltas:
+                            yield _sse(chunk(head, [{"index": k, "delta": delta,
+                                                     "logprobs": None, "finish_reason": None}],
+                                             usage_on))
+                        if out.finish_reason in ("stop", "length"):
+                            yield _sse(chunk(head, [{"index": k, "delta": {}, "logprobs": None,
+                                                     "finish_reason": reason}], usage_on))
+                    elif chat:
                         if out.text or lp:
                             yield _sse(chunk(head, [{"index": k, "delta": {"content": out.text},
                                                      "logprobs": lp, "finish_reason": None}],

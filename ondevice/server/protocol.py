@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constraints import Constraint, ConstraintError
 from ..errors import SamplingError
 from ..sampling import MAX_LOGPROBS, SamplingParams
 
@@ -177,6 +178,8 @@ class GenerationOptions:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    constraint: Constraint | None = None  # from response_format (or a forced tool call)
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's parameters; an invalid value raises a 400 that names the field the
@@ -188,7 +191,8 @@ class GenerationOptions:
                 min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos,
-                logprobs=self.logprobs, n=self.n,
+                logprobs=self.logprobs, n=self.n, logit_bias=self.logit_bias,
+                constraint=self.constraint,
             )
         except SamplingError as err:
             # The error names its field; report it the way the client spelled it.
@@ -235,8 +239,6 @@ def _options(body: Mapping[str, Any], *, chat: bool) -> GenerationOptions:
             raise invalid("stream_options", "'stream_options' must be an object")
         include_usage = _bool(stream_options, "include_usage")
 
-    if body.get("logit_bias"):
-        _unsupported(body, "logit_bias", "token biases")
     return GenerationOptions(
         model=model, max_tokens=max_tokens, max_tokens_param=max_param,
         temperature=_ranged(body, "temperature", 1.0), top_p=_ranged(body, "top_p", 1.0),
@@ -248,12 +250,53 @@ def _options(body: Mapping[str, Any], *, chat: bool) -> GenerationOptions:
         min_p=_number(body, "min_p", 0.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0),
         ignore_eos=_bool(body, "ignore_eos"),
+        logit_bias=_logit_bias(body), constraint=_response_format(body),
     )
+
+
+def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` (range-checked here; the vocabulary at submission)."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise invalid("logit_bias", "'logit_bias' must map token ids to numbers")
+    try:
+        return SamplingParams(logit_bias=value).logit_bias
+    except SamplingError as err:
+        raise invalid("logit_bias", str(err)) from None
+
+
+EXTRA_CONSTRAINTS = {"json_schema": Constraint.json_schema, "guided_json": Constraint.json_schema,
+                     "regex": Constraint.regex, "guided_regex": Constraint.regex,
+                     "grammar": Constraint.grammar, "guided_grammar": Constraint.grammar}
+"""Constraint fields other servers take beside ``response_format`` (llama-server's
+``json_schema``/``grammar``, vLLM's ``guided_*``), e.g. through openai's ``extra_body``."""
+
+
+def _response_format(body: Mapping[str, Any]) -> Constraint | None:
+    given = [k for k in ("response_format", *EXTRA_CONSTRAINTS) if body.get(k) is not None]
+    if not given:
+        return None
+    name = given[0]
+    if len(given) > 1:
+        raise invalid(given[1], f"'{given[0]}' and '{given[1]}' both constrain the reply; "
+                                f"send one")
+    try:
+        if name == "response_format":
+            return Constraint.from_response_format(body[name])
+        value = body[name]
+        if name in ("regex", "guided_regex", "grammar", "guided_grammar") \
+                and not isinstance(value, str):
+            raise invalid(name, f"'{name}' must be a string")
+        return EXTRA_CONSTRAINTS[name](value)
+    except ConstraintError as err:
+        raise invalid(name, str(err)) from None
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # role, content; tool_calls / tool_call_id / name if sent
     options: GenerationOptions
 
 
@@ -302,14 +345,39 @@ def parse_chat(body: object) -> ChatRequest:
                                       f"{', '.join(sorted(CHAT_ROLES))}; got {_show(role)}")
         # "developer" is OpenAI's new name for the system prompt; chat templates know "system".
         parsed.append({"role": "system" if role == "developer" else role,
-                       "content": _content(i, role, m.get("content"))})
-    for name in ("tools", "functions"):
-        if body.get(name):
-            _unsupported(body, name, "tool calling")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        _unsupported(body, "response_format", "only plain text replies")
+                       "content": _content(i, role, m.get("content")),
+                       **_tool_fields(i, role, m)})
+    # tools / tool_choice are read by the server (server/tools.py), next to this.
     return ChatRequest(parsed, _options(body, chat=True))
+
+
+def _tool_fields(i: int, role: str, m: Mapping[str, Any]) -> dict[str, Any]:
+    """An assistant's ``tool_calls`` (arguments kept as the client's string) and a tool
+    message's ``tool_call_id`` and ``name``."""
+    out: dict[str, Any] = {}
+    if role == "assistant" and m.get("tool_calls") is not None:
+        calls = m["tool_calls"]
+        if not isinstance(calls, list):
+            raise invalid("messages", f"messages[{i}].tool_calls must be a list")
+        parsed = []
+        for j, c in enumerate(calls):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or not isinstance(fn.get("arguments") or "", str):
+                raise invalid("messages", f"messages[{i}].tool_calls[{j}] needs function.name "
+                                          f"and function.arguments (a string)")
+            parsed.append({"id": str(c.get("id") or ""), "type": "function",
+                           "function": {"name": fn["name"],
+                                        "arguments": fn.get("arguments") or "{}"}})
+        out["tool_calls"] = parsed
+    if role == "tool":
+        tid = m.get("tool_call_id")
+        if not isinstance(tid, str):
+            raise invalid("messages", f"messages[{i}] (role tool) needs a 'tool_call_id'")
+        out["tool_call_id"] = tid
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
 
 
 def _prompts(value: object) -> list[str | list[int]]:
