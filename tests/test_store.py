@@ -111,6 +111,14 @@ def test_pull_safetensors_by_repo_id_only_needed_files_and_it_loads(env, hub):
         assert len(m.generate("hello", max_tokens=3, temperature=0, ignore_eos=True)) > 0
 
 
+def test_pull_at_a_revision_and_find_it_by_commit(env, hub):
+    entry, _ = store.pull("ondevice-test/tiny@main", quiet=True)
+    commit = hub.repos["ondevice-test/tiny"].commit
+    assert entry.source["revision"] == "main" and entry.source["commit"] == commit
+    assert store.lookup(f"ondevice-test/tiny@{commit[:10]}").path == entry.path
+    assert store.lookup("ondevice-test/tiny").path == entry.path
+
+
 def test_pull_mlx_quantized_layout(env):
     entry, _ = store.pull("ondevice-test/tiny-4bit", quiet=True)
     assert entry.name == "ondevice-test/tiny-4bit:q4"
@@ -257,6 +265,9 @@ def test_missing_package_says_how_to_install(env, monkeypatch):
 
 def test_pull_twice_and_every_command_leaves_one_entry(env, tmp_path):
     root = Store().root
+    p = cli(["generate", "-m", "tiny:1m", "-p", "hi", "-n", "2", "-b", "numpy"], env)
+    assert p.returncode == 0, p.stderr
+    assert "tiny:1m is not in the store yet: pulling it" in p.stderr  # -m says so
     for _ in range(2):
         p = cli(["pull", "tiny:1m"], env)
         assert p.returncode == 0, p.stderr
