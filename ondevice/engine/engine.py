@@ -176,7 +176,10 @@ class Engine:
         batch = BatchInput.build(entries, self.block_size, logits_for=wants)
         sampled = [seq for (seq, _), w in zip(sched.scheduled, wants, strict=True) if w]
         pending = self._start_masks(sampled)
+        began = time.perf_counter()
         logits = self._forward(batch, sampled)
+        if self.spec is not None:  # what rows cost on this backend: speculation's k rule
+            self.spec.cost.observe(batch.num_tokens, time.perf_counter() - began)
         masks = pending.result() if pending is not None else {}
         self.num_steps += 1
         outputs: list[RequestOutput] = []
@@ -236,33 +239,47 @@ class Engine:
         """Per decoding sequence: its prompt-lookup proposals (or, for a draft model, a list
         of k placeholders: the draft runs after scheduling) and whether it is pinned.
 
-        The batch rule: every running sequence needs one row; proposals may only fill the
-        step up to ``max_batch_rows`` rows, in running order, so a large batch (where each
-        extra row costs as much as a decode row) is not slowed down."""
+        k follows `Speculator`'s rule: the throughput of the step at the measured cost of its
+        rows (and of the draft's forward passes), so that a large batch or a low acceptance
+        rate turns speculation off; ``max_batch_rows`` caps the rows it may fill up to."""
         spec = self.spec
         assert spec is not None
         running = self.scheduler.running
-        spare = spec.config.max_batch_rows - len(running)
+        budget = self.scheduler.max_num_batched_tokens
+        rows = min(budget, sum(s.num_uncomputed for s in running))
+        tokens = float(sum(1 for s in running if s.num_uncomputed == 1))
+        spare = spec.config.max_batch_rows - rows
+        draft_calls = 0  # draft forward passes already planned this step (shared by all)
         plan: dict[Sequence, tuple[list[int], bool]] = {}
         for seq in running:
             if seq.num_uncomputed != 1 or seq.num_output == 0:
                 continue  # prefill (or resuming after preemption): nothing to verify against
             p = seq.request.params
-            if p.constraint is not None or p.logit_bias:
+            if not p.speculative or p.constraint is not None or p.logit_bias:
                 continue  # verification samples the raw rows: no masks, no bias there
             remaining = min(p.max_tokens - seq.num_output,
                             self.context_limit - len(seq.token_ids)) - 1
-            k = spec.wanted_k(seq, remaining)
+            if remaining <= 0:
+                continue
             pinned = spec.pinned(seq)
-            if not pinned:
-                k = min(k, max(spare, 0))
+            if pinned:
+                k = spec.pinned_k(seq, remaining)
+            else:
+                cap = min(spec.k_max, remaining, spare)
+                if cap <= 0:
+                    continue
+                props = spec.lookup.propose(seq.token_ids, cap) if spec.lookup else None
+                cap = len(props) if props is not None else cap
+                k = spec.choose_k(seq, cap, rows, tokens, draft_calls) if cap else 0
             if k <= 0:
                 continue
-            props = spec.lookup.propose(seq.token_ids, k) if spec.lookup else [0] * k
-            if props:
-                plan[seq] = (props, pinned)
-                if not pinned:
-                    spare -= len(props)
+            plan[seq] = ((spec.lookup.propose(seq.token_ids, k) if pinned else props[:k])
+                         if spec.lookup else [0] * k, pinned)
+            if not pinned:
+                rows += k
+                spare -= k
+                tokens += spec.expected(seq, k) - 1
+            draft_calls = max(draft_calls, k)
         return plan
 
     def _proposals(self, slots: dict[Sequence, int], lookups: dict

@@ -25,6 +25,7 @@ hashed for the prefix cache up to the accepted tokens.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,6 +197,7 @@ class DraftModel:
         self.computed: dict[str, int] = {}
         self._rngs: dict[str, np.random.Generator] = {}
         self.num_forwards = 0
+        self.seconds: float | None = None  # a draft forward pass (decode rows), averaged
 
     def release(self, seq_id: str) -> None:
         """Forget a sequence (finished, aborted): its draft blocks go back to the pool."""
@@ -249,7 +251,12 @@ class DraftModel:
             if not entries:
                 break
             batch = BatchInput.build(entries, self.block_size, logits_for=wanted)
+            began = time.perf_counter()
             logits = self.backend.forward(batch)
+            if batch.num_tokens == len(entries):  # decode rows only, not a catch-up chunk
+                took = time.perf_counter() - began
+                self.seconds = took if self.seconds is None else \
+                    self.seconds + 0.3 * (took - self.seconds)
             self.num_forwards += 1
             row = 0
             for (seq, st), want in zip(owners, wanted, strict=True):
@@ -289,23 +296,65 @@ class DraftModel:
 # Adaptivity and counters
 
 
+class StepCost:
+    """Measured forward-pass seconds by number of query rows (exponential averages), so that
+    the choice of k uses this backend's real cost of extra rows, not an assumption.
+
+    A row count never measured costs as much as the nearest measured count below it: an
+    optimistic guess, so that it gets tried (and measured) once. Above every measurement the
+    cost grows in proportion to the rows (pessimistic: large batches are compute-bound)."""
+
+    def __init__(self, smoothing: float = 0.3):
+        self.smoothing = smoothing
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        old = self.seconds.get(rows)
+        self.seconds[rows] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def time(self, rows: int) -> float | None:
+        if rows in self.seconds:
+            return self.seconds[rows]
+        below = [r for r in self.seconds if r < rows]
+        if not below:
+            return None
+        r = max(below)
+        above = [q for q in self.seconds if q > rows]
+        if above:  # between two measurements: the lower one (optimistic, see above)
+            return self.seconds[r]
+        return self.seconds[r] * (rows / r if r >= 8 else 1.0)
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens a verification of k proposals emits when each is accepted with probability
+    ``rate`` independently: 1 + rate + ... + rate**k."""
+    return float(sum(rate ** i for i in range(k + 1)))
+
+
 @dataclass
 class _Adapt:
     k: int
+    rate: float  # running acceptance rate per proposed token (exponential average)
     cooldown: int = 0
-    rate: float = 1.0  # running acceptance rate (exponential average)
 
 
 class Speculator:
     """Decides k per sequence and step, holds the proposer, counts what was proposed.
 
-    The k rule (per sequence, from its own history only, so a seeded request does not depend
-    on the batch): start at the configured k; after each verification, k becomes
-    ``accepted + 1`` when a proposal was rejected (the proposals past the first rejection were
-    wasted rows) and grows by 2 when all were accepted, within [1, k_max]. A draft-model
-    sequence whose running acceptance rate falls below `LOW_ACCEPTANCE` at k = 1 pauses for
-    `COOLDOWN_STEPS` steps (each proposal costs a draft forward). The batch rule (per step):
-    proposals only fill the step up to ``max_batch_rows`` query rows; see the config.
+    The rule, per step, over the decoding sequences in running order: with R query rows
+    already in the step producing T tokens, a sequence whose proposals are accepted at rate
+    a (its running average) gets the k in 0..k_max that maximizes the step's throughput
+    ``(T + E(a, k) - 1) / t(R + k)``, where E(a, k) = 1 + a + ... + a^k is the expected
+    number of tokens its verification emits and t the measured forward time at that many
+    rows (`StepCost`). So k shrinks when acceptance is low, and speculation stops when extra
+    rows cost more than they bring — on a large batch (compute-bound rows) or on a backend
+    whose multi-row products are slow. ``max_batch_rows`` caps the rows speculation may add
+    up to. A sequence not speculating drifts its rate back toward 0.5, so it probes again.
+
+    Seeded sampled requests verified against a draft distribution (`pinned`) cannot take
+    timings into account (their random draws depend on k): their k follows their own history
+    only: ``accepted + 1`` after a rejection, +2 after a full acceptance, and a pause of
+    `COOLDOWN_STEPS` steps when their rate falls below `LOW_ACCEPTANCE` at k = 1.
     """
 
     def __init__(self, config, draft: DraftModel | None = None):
@@ -314,6 +363,7 @@ class Speculator:
         self.lookup = PromptLookup(config.ngram_min, config.ngram_max) \
             if config.method == "prompt_lookup" else None
         self.draft = draft
+        self.cost = StepCost()
         self._adapt: dict[str, _Adapt] = {}
         self.num_proposed = 0
         self.num_accepted = 0
@@ -322,21 +372,51 @@ class Speculator:
 
     def pinned(self, seq: Sequence) -> bool:
         """A seeded sampled request verified against a draft distribution: its random draws
-        depend on k, so its k must not depend on other requests (batch size, token budget)."""
+        depend on k, so its k must not depend on other requests or on timings."""
         p = seq.request.params
         return self.draft is not None and p.seed is not None and not p.is_greedy
 
-    def wanted_k(self, seq: Sequence, remaining: int) -> int:
-        """How many tokens this sequence would like to propose now (before the batch rule)."""
-        if not seq.request.params.speculative:
-            return 0
+    def _state(self, seq: Sequence) -> _Adapt:
         st = self._adapt.get(seq.seq_id)
         if st is None:
-            st = self._adapt[seq.seq_id] = _Adapt(self.k_max)
+            st = self._adapt[seq.seq_id] = _Adapt(self.k_max, 0.6)
+        return st
+
+    def pinned_k(self, seq: Sequence, remaining: int) -> int:
+        """k of a pinned sequence (its own history only)."""
+        st = self._state(seq)
         if st.cooldown > 0:
             st.cooldown -= 1
             return 0
-        return max(0, min(st.k, remaining))
+        return max(0, min(st.k if self.config.adaptive else self.k_max, remaining))
+
+    def choose_k(self, seq: Sequence, k_cap: int, rows: int, tokens: float,
+                 draft_calls: int = 0) -> int:
+        """The k (<= k_cap) that maximizes the step's measured throughput; see the class.
+        ``draft_calls``: draft forward passes other sequences already need this step (a
+        sequence asking for more adds the difference, at the draft's measured cost)."""
+        if not self.config.adaptive:
+            return k_cap
+        st = self._state(seq)
+        base = self.cost.time(rows)
+        if base is None or (self.draft is not None and self.draft.seconds is None):
+            return k_cap  # nothing measured yet: try, and learn the cost
+        best_k, best = 0, tokens / base
+        for k in range(1, k_cap + 1):
+            t = self.cost.time(rows + k)
+            if t is None:
+                continue
+            if self.draft is not None:
+                t += max(0, k - draft_calls) * (self.draft.seconds or 0.0)
+            value = (tokens + expected_tokens(st.rate, k) - 1) / t
+            if value > best * 1.02:  # a clear gain only: timings are noisy
+                best_k, best = k, value
+        if best_k == 0:
+            st.rate += 0.05 * (0.5 - st.rate)
+        return best_k
+
+    def expected(self, seq: Sequence, k: int) -> float:
+        return expected_tokens(self._state(seq).rate, k)
 
     def update(self, seq: Sequence, proposed: int, accepted: int, emitted: int) -> None:
         if not proposed:
@@ -345,10 +425,11 @@ class Speculator:
         self.num_accepted += accepted
         self.num_verified += 1
         self.num_emitted += emitted
-        if not self.config.adaptive:
-            return
-        st = self._adapt[seq.seq_id]
-        st.rate = 0.7 * st.rate + 0.3 * (accepted / proposed)
+        st = self._state(seq)
+        # Acceptance per proposed token: a run of a accepted then a rejection is a + 1
+        # Bernoulli trials with a successes; a full acceptance is a trials, all successes.
+        trials = accepted + (accepted < proposed)
+        st.rate += 0.3 * (accepted / trials - st.rate)
         st.k = min(self.k_max, st.k + 2) if accepted == proposed else max(1, accepted + 1)
         if self.draft is not None and st.k == 1 and st.rate < LOW_ACCEPTANCE:
             st.cooldown = COOLDOWN_STEPS

@@ -332,7 +332,7 @@ class KVCacheManager:
             raise ValueError(f"request {request_id!r}: cannot truncate {state.num_tokens} "
                              f"tokens to {num_tokens}")
         keep = _cdiv(num_tokens, self.block_size)
-        if keep < state.num_cached_blocks:
+        if num_tokens < state.num_cached_blocks * self.block_size:
             raise ValueError(f"request {request_id!r}: truncating to {num_tokens} tokens would "
                              f"drop registered blocks")
         dropped = state.blocks[keep:]

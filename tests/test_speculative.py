@@ -1,0 +1,452 @@
+"""Speculative decoding (prompt lookup and draft models) in the paged engine: greedy output
+identical to plain decoding on every backend, the target distribution kept when sampling
+(chi-square), seeds reproduce, rejected KV slots given back, preemption, n > 1, stop strings,
+bad input as one-line errors, and the real model's golden prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_engine import mixed_prompts, run_all
+from tiny import tiny_config, write_model
+
+from ondevice.backends import available_backends, backend_class
+from ondevice.backends.numpy_backend import NumpyBackend
+from ondevice.engine import Engine
+from ondevice.engine.request import Request, Sequence
+from ondevice.engine.speculative import PromptLookup, StepCost, expected_tokens, verify
+from ondevice.errors import RequestError
+from ondevice.kv import KVCacheManager
+from ondevice.modeldir import ModelDir
+from ondevice.sampling import Sampler, SamplingParams, softmax
+from ondevice.settings import EngineConfig, SpeculativeConfig, backend_options
+
+FLOAT32 = {"numpy": {}, "mlx": {"device": "cpu", "dtype": "float32"},
+           "wgpu": {"dtype": "float32"}}
+BACKENDS = [name for name, (ok, _) in available_backends().items() if ok and name in FLOAT32]
+METHODS = ["prompt_lookup", "draft"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return ModelDir(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def bad_draft_dir(tmp_path_factory):
+    """Same architecture and tokenizer, other random weights: most proposals are rejected."""
+    return ModelDir(write_model(tmp_path_factory.mktemp("draft") / "m", tiny_config(), seed=7))
+
+
+def backend(name, md, num_blocks=512, block_size=8):
+    return backend_class(name)(md, num_blocks=num_blocks, block_size=block_size,
+                               options=backend_options(name, FLOAT32[name]))
+
+
+def engine(md, name="numpy", spec=None, draft_md=None, num_blocks=512, caching=True, **kw):
+    draft = backend(name, draft_md) if draft_md is not None else None
+    return Engine(backend(name, md, num_blocks), md.tokenizer,
+                  context_length=md.config.context_length, enable_prefix_caching=caching,
+                  model_id="tiny", speculative=spec, draft_backend=draft, **kw)
+
+
+def spec(method, k, **kw):
+    """Adaptivity off unless asked: every step then really speculates (k proposals)."""
+    kw.setdefault("adaptive", False)
+    if method == "draft":
+        kw.setdefault("draft_model", "tiny-draft")
+    return SpeculativeConfig(method=method, num_tokens=k, **kw)
+
+
+def repetitive_prompts(vocab, count=16, seed=0):
+    """Mixed lengths, each with a repeated stretch, so prompt lookup finds matches."""
+    return [p + p[: 40] + p[: 20] for p in mixed_prompts(vocab, count, seed, lengths=(5, 160))]
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+# -- greedy: identical output ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_with_speculation_equals_plain(model_dir, bad_draft_dir, name, method):
+    """16 concurrent mixed requests, k = 1..8, a draft that is mostly wrong (many rejections):
+    the same tokens as without speculation, every block back, invariants after every step."""
+    reqs = [(p, GREEDY) for p in repetitive_prompts(model_dir.config.vocab_size)]
+    plain = run_all(engine(model_dir, name), reqs)
+    for k in range(1, 9):
+        eng = engine(model_dir, name, spec(method, k),
+                     bad_draft_dir if method == "draft" else None)
+        assert run_all(eng, reqs) == plain, k
+        st = eng.stats()
+        assert st["spec_proposed_tokens"] > 0
+        assert 0 <= st["spec_accepted_tokens"] < st["spec_proposed_tokens"]
+
+
+def test_draft_identical_to_target_accepts_everything(model_dir):
+    reqs = [(p, GREEDY) for p in mixed_prompts(model_dir.config.vocab_size, 4, lengths=(5, 50))]
+    eng = engine(model_dir, "numpy", spec("draft", 5), model_dir)
+    assert run_all(eng, reqs) == run_all(engine(model_dir), reqs)
+    st = eng.stats()
+    assert st["spec_acceptance_rate"] == 1.0
+    assert st["steps"] < 24  # ~6 tokens per step after the prefill
+    assert st["spec_mean_accepted_length"] > 3
+
+
+def test_adaptive_rule_keeps_greedy_output_and_backs_off(model_dir, bad_draft_dir):
+    reqs = [(p, GREEDY) for p in repetitive_prompts(model_dir.config.vocab_size)]
+    plain = run_all(engine(model_dir), reqs)
+    for method in METHODS:
+        eng = engine(model_dir, "numpy", spec(method, 8, adaptive=True),
+                     bad_draft_dir if method == "draft" else None)
+        assert run_all(eng, reqs) == plain
+    # The bad draft: after rejections k falls (tiny-model rows are nearly free, so it
+    # does not stop altogether here; see test_batch_rule_...).
+    st = eng.stats()
+    assert st["spec_proposed_tokens"] < 16 * 23 * 8 / 2
+
+
+def test_speculation_opt_out_per_request(model_dir):
+    prompt = repetitive_prompts(model_dir.config.vocab_size, 1)[0]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, speculative=False)
+    eng = engine(model_dir, "numpy", spec("prompt_lookup", 4))
+    assert run_all(eng, [(prompt, params)]) == run_all(engine(model_dir), [(prompt, GREEDY)])
+    assert eng.stats()["spec_proposed_tokens"] == 0
+
+
+def test_preemption_mid_speculation_resumes_identically(model_dir, bad_draft_dir):
+    prompts = mixed_prompts(model_dir.config.vocab_size, lengths=(5, 200), seed=1)
+    reqs = [(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)) for p in prompts]
+    plain = run_all(engine(model_dir), reqs)
+    for method in METHODS:
+        eng = engine(model_dir, "numpy", spec(method, 6), bad_draft_dir if method == "draft"
+                     else None, num_blocks=40)
+        assert run_all(eng, reqs) == plain
+        assert eng.scheduler.num_preemptions > 0
+        assert eng.stats()["spec_proposed_tokens"] > 0
+
+
+def test_prefix_cache_with_speculation(model_dir):
+    """Blocks are hashed for accepted tokens only: later requests hit the cache and decode
+    the same tokens as a cache-less plain engine."""
+    rng = np.random.default_rng(2)
+    vocab = model_dir.config.vocab_size
+    shared = rng.integers(3, vocab, 100).tolist()
+    reqs = [(shared + rng.integers(3, vocab, k).tolist() + shared[:30], GREEDY)
+            for k in (3, 9, 17, 30)]
+    eng = engine(model_dir, "numpy", spec("prompt_lookup", 8))
+    got = run_all(eng, reqs[:1]) + run_all(eng, reqs[1:])
+    assert eng.stats()["prefix_cache_hits"] >= 3 * 96
+    assert got == run_all(engine(model_dir, caching=False), reqs)
+
+
+def test_stop_strings_and_eos_inside_accepted_runs(model_dir):
+    """A stop inside a run of accepted tokens ends the output there, as without speculation."""
+    prompts = repetitive_prompts(model_dir.config.vocab_size, 8, seed=3)
+    base = run_all(engine(model_dir), [(p, GREEDY) for p in prompts])
+    tok = model_dir.tokenizer
+    reqs = []
+    for p, out in zip(prompts, base, strict=True):
+        text = tok.decode(out[0][:12])
+        stop = text[len(text) // 2:][:3] or "x"
+        reqs.append((p, SamplingParams(max_tokens=24, temperature=0, stop=stop,
+                                       stop_token_ids=(out[0][20],))))
+    eng = engine(model_dir, "numpy", spec("prompt_lookup", 8))
+    assert run_all(eng, reqs) == run_all(engine(model_dir), reqs)
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+def test_seeded_sampling_with_prompt_lookup_equals_plain_and_n_samples(model_dir):
+    """Prompt lookup proposes point masses: verification draws each position exactly as
+    plain sampling does, so seeded output (n > 1 included) does not change at all."""
+    prompts = repetitive_prompts(model_dir.config.vocab_size, 6, seed=4)
+    reqs = [(p, SamplingParams(max_tokens=20, temperature=0.7, top_k=20, seed=i, n=2,
+                               ignore_eos=True)) for i, p in enumerate(prompts)]
+    eng = engine(model_dir, "numpy", spec("prompt_lookup", 6))
+    assert run_all(eng, reqs) == run_all(engine(model_dir), reqs)
+    assert eng.stats()["spec_accepted_tokens"] > 0
+
+
+def test_draft_sampling_seed_reproduces_alone_or_batched(model_dir, bad_draft_dir):
+    prompts = mixed_prompts(model_dir.config.vocab_size, 6, seed=5, lengths=(5, 60))
+    reqs = [(p, SamplingParams(max_tokens=16, temperature=1.0, seed=10 + i, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    sp = spec("draft", 4, adaptive=True)
+    first = run_all(engine(model_dir, "numpy", sp, bad_draft_dir), reqs)
+    assert run_all(engine(model_dir, "numpy", sp, bad_draft_dir), reqs) == first
+    alone = [run_all(engine(model_dir, "numpy", sp, bad_draft_dir), [r])[0] for r in reqs[:3]]
+    assert alone == first[:3]
+
+
+def _chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Upper tail of the chi-square statistic (Wilson-Hilferty normal approximation)."""
+    keep = expected >= 5
+    obs = np.append(observed[keep], observed[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    if exp[-1] < 5:  # fold a small remainder into the largest cell
+        obs, exp = obs[:-1], exp[:-1]
+        obs[np.argmax(exp)] += observed[~keep].sum()
+        exp[np.argmax(exp)] += expected[~keep].sum()
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def _fake_seq(params, prompt, index=0):
+    req = Request("r", prompt, params)
+    return Sequence("r", req, index, list(prompt) + [5], Sampler(params, index=index), None,
+                    num_output=1)
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """verify() on fixed target rows and a deliberately different draft distribution: the
+    first emitted token follows p (chi-square over 20,000 seeded draws), the second one its
+    own row's p given the first was accepted, and a fixed seed reproduces."""
+    rng = np.random.default_rng(0)
+    vocab = 12
+    rows = rng.normal(0, 1.5, (3, vocab)).astype(np.float32)
+    q_logits = rng.normal(0, 1.5, (2, vocab)).astype(np.float32)
+    q = [softmax(x).astype(np.float64) for x in q_logits]
+    q = [x / x.sum() for x in q]
+    p0 = softmax(rows[0]).astype(np.float64)
+    first, runs = np.zeros(vocab), 20000
+    for seed in range(runs):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        seq = _fake_seq(params, [1, 2, 3])
+        draw = np.random.default_rng([seed, 99])
+        props = [int(draw.choice(vocab, p=q[0])), int(draw.choice(vocab, p=q[1]))]
+        out = verify(seq, rows, props, q)
+        first[out[0].token_id] += 1
+    assert _chi_square_p(first, p0 / p0.sum() * runs) > 1e-3
+    params = SamplingParams(temperature=1.0, seed=42)
+    a = verify(_fake_seq(params, [1, 2, 3]), rows, [3, 4], q)
+    b = verify(_fake_seq(params, [1, 2, 3]), rows, [3, 4], q)
+    assert [r.token_id for r in a] == [r.token_id for r in b]
+
+
+def test_engine_draft_sampling_matches_target_distribution(model_dir, bad_draft_dir):
+    """End to end on a tiny model: the second generated token (the first one verified against
+    the bad draft's proposal) over 1,500 seeds follows the target's distribution given the
+    first token (exact, from the target's own logits): chi-square per first token, pooled."""
+    prompt = mixed_prompts(model_dir.config.vocab_size, 1, seed=6, lengths=(12, 12))[0]
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=6, seed=s, ignore_eos=True)
+              for s in range(1500)]
+    eng = engine(model_dir, "numpy", spec("draft", 3, max_batch_rows=4096), bad_draft_dir,
+                 max_num_seqs=256, max_num_batched_tokens=4096)
+    outs = run_all(eng, [(prompt, p) for p in params])
+    assert eng.stats()["spec_proposed_tokens"] >= 1500
+    pairs = Counter((o[0][0], o[0][1]) for o in outs)
+    firsts = Counter(o[0][0] for o in outs)
+    ref = NumpyBackend(model_dir, num_blocks=64, block_size=8)
+    ref_engine = Engine(ref, model_dir.tokenizer, context_length=1024, model_id="ref")
+    from ondevice.engine.engine import score_tokens
+    from ondevice.engine.speculative import target_probs
+
+    observed, expected = [], []
+    for t1, count in firsts.items():
+        if count < 40:
+            continue
+        logits = score_tokens(ref_engine, prompt + [t1], logits_for="last")[-1]
+        p = target_probs(params[0], logits, prompt, [t1])
+        support = np.flatnonzero(p > 0)
+        observed.extend(pairs[(t1, t2)] for t2 in support)
+        expected.extend(count * p[support])
+        assert sum(pairs[(t1, t2)] for t2 in range(len(p)) if p[t2] == 0) == 0
+    assert len(observed) >= 12
+    assert _chi_square_p(np.array(observed, float), np.array(expected)) > 1e-3
+
+
+# -- KV accounting --------------------------------------------------------------------------
+
+def test_truncate_gives_back_blocks_and_keeps_invariants():
+    kv = KVCacheManager(10, block_size=4)
+    tokens = list(range(20))
+    assert kv.allocate_slots("a", tokens, 6) is not None  # 2 blocks
+    kv.cache_blocks("a", tokens, 5)  # block 0 hashed
+    assert kv.allocate_slots("a", tokens, 9) is not None  # 15 tokens: 4 blocks
+    assert kv.num_free_blocks == 6
+    kv.truncate("a", 9)  # 3 blocks keep tokens 0..8
+    assert kv.num_free_blocks == 7 and kv.num_tokens("a") == 9
+    kv.check_invariants()
+    with pytest.raises(ValueError, match="registered"):
+        kv.truncate("a", 3)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        kv.truncate("a", 10)
+    kv.free("a")
+    assert kv.num_free_blocks == 10
+    kv.check_invariants()
+
+
+def test_bad_draft_pool_returns_to_initial_free_count(model_dir, bad_draft_dir):
+    eng = engine(model_dir, "numpy", spec("draft", 8), bad_draft_dir, num_blocks=96)
+    draft_kv = eng.spec.draft.kv
+    free0 = (eng.kv.num_free_blocks, draft_kv.num_free_blocks)
+    reqs = [(p, SamplingParams(max_tokens=30, temperature=t, seed=i, ignore_eos=True))
+            for i, (p, t) in enumerate(zip(repetitive_prompts(model_dir.config.vocab_size, 12),
+                                           [0, 1.0] * 6, strict=True))]
+    run_all(eng, reqs)  # checks the target's invariants after every step
+    st = eng.stats()
+    assert st["spec_proposed_tokens"] - st["spec_accepted_tokens"] > 100  # many rejections
+    for seq_id in list(eng.spec.draft.computed):
+        eng.spec.release(seq_id)
+    draft_kv.check_invariants()
+    assert (eng.kv.num_free_blocks, draft_kv.num_free_blocks) == free0
+    assert not eng.spec.draft.computed  # finished sequences left nothing behind
+
+
+# -- rules and units ------------------------------------------------------------------------
+
+def test_prompt_lookup_proposes_latest_continuation():
+    pl = PromptLookup(1, 3)
+    assert pl.propose([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 1, 2, 3], 2) == [5, 6]
+    assert pl.propose([1, 2, 3], 4) == []
+    assert pl.propose([7, 8, 7], 3) == [8, 7]
+
+
+def test_step_cost_and_expected_tokens():
+    cost = StepCost()
+    assert cost.time(3) is None
+    cost.observe(1, 0.030)
+    cost.observe(9, 0.060)
+    assert cost.time(5) == 0.030  # untried: optimistic, so it gets measured
+    assert cost.time(18) == pytest.approx(0.120)
+    assert expected_tokens(0.0, 5) == 1 and expected_tokens(1.0, 4) == 5
+
+
+def test_batch_rule_stops_speculation_when_rows_are_expensive(model_dir):
+    """With measured costs where every extra row costs a full decode row, a 16-sequence batch
+    at a modest acceptance rate gets no proposals; one sequence with a cheap extra row does."""
+    eng = engine(model_dir, "numpy", spec("prompt_lookup", 4, adaptive=True))
+    sp = eng.spec
+    for r in range(1, 40):
+        sp.cost.observe(r, 0.01 * r)
+    seq = _fake_seq(GREEDY, [1, 2, 3])
+    sp._state(seq).rate = 0.5
+    assert sp.choose_k(seq, 4, rows=16, tokens=16) == 0
+    cheap = engine(model_dir, "numpy", spec("prompt_lookup", 4, adaptive=True)).spec
+    cheap.cost.observe(1, 0.03)
+    for r in range(2, 10):
+        cheap.cost.observe(r, 0.035)
+    cheap._state(seq).rate = 0.5
+    assert cheap.choose_k(seq, 4, rows=1, tokens=1) >= 2
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"num_tokens": 0}, "num_speculative_tokens"),
+    ({"num_tokens": 17}, "num_speculative_tokens"),
+    ({"num_tokens": True}, "num_speculative_tokens"),
+    ({"method": "medusa"}, "method"),
+    ({"method": "draft"}, "draft model"),
+    ({"draft_model": "x"}, "only used"),
+    ({"ngram_min": 3, "ngram_max": 2}, "ngram_min"),
+])
+def test_bad_settings_are_one_line_errors(kw, match):
+    with pytest.raises(RequestError, match=match) as err:
+        SpeculativeConfig(**kw)
+    assert "\n" not in str(err.value)
+
+
+def test_k_larger_than_the_step_budget_is_refused(model_dir):
+    with pytest.raises(RequestError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_batched_tokens=4, speculative=SpeculativeConfig(num_tokens=8))
+    with pytest.raises(RequestError, match="max_num_batched_tokens"):
+        engine(model_dir, "numpy", spec("prompt_lookup", 8), max_num_batched_tokens=4)
+
+
+def test_draft_with_other_vocabulary_is_a_one_line_error(model_dir, tmp_path):
+    from ondevice.runtime import Runtime
+
+    other = write_model(tmp_path / "other", tiny_config(vocab_size=model_dir.config.vocab_size
+                                                        + 8))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(model_dir.path, renamed)
+    tok = json.loads((renamed / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = (next(w for w, i in vocab.items() if i == n) for n in (300, 301))
+    vocab[a], vocab[b] = 301, 300  # same size, same merges, two ids swapped
+    (renamed / "tokenizer.json").write_text(json.dumps(tok))
+    for bad in (other, renamed):
+        cfg = EngineConfig(speculative=SpeculativeConfig(method="draft", draft_model=str(bad)))
+        with pytest.raises(RequestError, match="tokenizer or vocabulary") as err:
+            Runtime(ModelDir(model_dir.path), "numpy", engine=cfg)
+        assert "\n" not in str(err.value)
+    with pytest.raises(RequestError, match="needs a loaded draft model"):
+        engine(model_dir, "numpy", spec("draft", 2))
+
+
+def test_runtime_loads_a_draft_and_cli_flags(model_dir, tmp_path):
+    from ondevice.runtime import Runtime
+
+    cfg = EngineConfig(kv_memory="8MiB", speculative=SpeculativeConfig(
+        method="draft", draft_model=str(model_dir.path), num_tokens=3, adaptive=False))
+    rt = Runtime(ModelDir(model_dir.path), "numpy", engine=cfg)
+    try:
+        prompt = mixed_prompts(model_dir.config.vocab_size, 1, lengths=(9, 9))[0]
+        got = [o.token_ids[0] for o in rt.sync.generate(prompt, GREEDY)]
+        assert len(got) == 24 and rt.stats()["spec_acceptance_rate"] == 1.0
+    finally:
+        rt.close()
+    for args, match in ((["--speculative", "prompt_lookup", "--num-speculative-tokens", "0"],
+                         "num_speculative_tokens"),
+                        (["--num-speculative-tokens", "3"], "need --speculative"),
+                        (["--speculative", "draft", "--draft-model", str(tmp_path / "none")],
+                         "not found")):
+        p = subprocess.run([sys.executable, "-m", "ondevice", "generate", "-p", "hi",
+                            "--model", str(model_dir.path), "-b", "numpy", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1, p.stderr
+        assert match in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# -- the real model -------------------------------------------------------------------------
+
+def _cut_draft(target: Path, layers: int, out: Path) -> Path:
+    """A draft from the target itself: its first layers, final norm and tied head."""
+    from safetensors.numpy import load_file, save_file
+
+    out.mkdir(parents=True)
+    config = json.loads((target / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = {}
+    for f in sorted(target.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            if ".layers." not in name or int(name.split(".layers.")[1].split(".")[0]) < layers:
+                tensors[name] = t
+    save_file(tensors, out / "model.safetensors")
+    for f in target.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json" \
+                and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.real_model
+def test_golden_greedy_with_speculation(real_model_dir, golden_cases, tmp_path):
+    """The default model's golden prompts, all at once, k = 1..8, both proposers (the draft
+    cut from the target's first 6 layers): exactly the golden greedy tokens."""
+    md = ModelDir(real_model_dir)
+    draft_md = ModelDir(_cut_draft(real_model_dir, 6, tmp_path / "draft"))
+    target = NumpyBackend(md, num_blocks=64, block_size=16)
+    draft = NumpyBackend(draft_md, num_blocks=64, block_size=16)
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    reqs = [(c["prompt_ids"], params) for c in golden_cases]
+    want = [{0: c["greedy_ids"]} for c in golden_cases]
+    for method in METHODS:
+        for k in range(1, 9):
+            eng = Engine(target, md.tokenizer, context_length=md.config.context_length,
+                         model_id=f"{method}{k}", speculative=spec(method, k),
+                         draft_backend=draft if method == "draft" else None)
+            assert run_all(eng, reqs) == want, (method, k)
+            assert eng.stats()["spec_proposed_tokens"] > 0
