@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 import click
 
+from ..api import Chunk
 from ..chat import ChatSession
+from ..constraints import Constraint, ConstraintError, constraint_from_options
 from ..errors import OndeviceError
 
 HELP = """commands:
@@ -12,8 +17,34 @@ HELP = """commands:
   /reset         forget the conversation (keeps the system prompt)
   /system TEXT   set the system prompt (and reset)
   /stats         tokens, speed and KV cache use
+  /json [@FILE] TEXT
+                 one reply as JSON: any object, or matching the JSON schema in FILE
   /quit          leave (Ctrl-D works too)
 Ctrl-C stops the current reply."""
+
+
+def _json_turn(text: str) -> tuple[Constraint, str]:
+    """``/json [@SCHEMA_FILE] MESSAGE`` -> (the constraint, the message)."""
+    arg = text[len("/json"):].strip()
+    schema = None
+    if arg.startswith("@"):
+        schema, _, arg = arg[1:].partition(" ")
+        arg = arg.strip()
+    if not arg:
+        raise ConstraintError("usage: /json [@SCHEMA_FILE] MESSAGE")
+    constraint = constraint_from_options(schema) if schema else Constraint.json_object()
+    assert constraint is not None
+    return constraint, arg
+
+
+def _structured(session: ChatSession, text: str, constraint: Constraint) -> Iterator[Chunk]:
+    """One turn whose reply is constrained; the session's parameters are restored after."""
+    saved = session.params
+    session.params = dataclasses.replace(saved, constraint=constraint)
+    try:
+        yield from session.send(text)
+    finally:
+        session.params = saved
 
 
 def run_repl(session: ChatSession) -> None:
@@ -35,7 +66,14 @@ def run_repl(session: ChatSession) -> None:
         text = line.strip()
         if not text:
             continue
-        if text.startswith("/"):
+        once = None  # a constraint for this turn only (/json)
+        if text == "/json" or text.startswith("/json "):
+            try:
+                once, text = _json_turn(text)
+            except OndeviceError as err:
+                click.echo(f"error: {err}", err=True)
+                continue
+        if text.startswith("/") and once is None:
             cmd, _, arg = text.partition(" ")
             if cmd in ("/quit", "/exit", "/bye"):
                 return
@@ -54,7 +92,7 @@ def run_repl(session: ChatSession) -> None:
             else:
                 click.echo(f"unknown command {cmd} (/help lists them)")
             continue
-        stream = session.send(text)
+        stream = session.send(text) if once is None else _structured(session, text, once)
         try:
             for chunk in stream:
                 click.echo(chunk.text, nl=False)
