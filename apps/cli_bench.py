@@ -30,7 +30,8 @@ def _write_json(report: dict, out: str) -> None:
 
 @click.command("bench")
 @click.option("--model", "-m", default=None,
-              help="Model directory or .gguf file [default: SmolLM2-135M-Instruct].")
+              help="Model name (`ondevice list`; pulled on first use), directory or .gguf "
+                   "file [default: SmolLM2-135M-Instruct].")
 @click.option("--backend", "-b", "backends", multiple=True,
               help="Backend(s) to measure, repeatable or comma-separated [default: every "
                    "available one].")
@@ -90,7 +91,8 @@ def bench(model, backends, quantize, concurrency, prompt_tokens, gen_tokens, rep
 
 @click.command("eval")
 @click.option("--model", "-m", default=None,
-              help="Model directory or .gguf file [default: SmolLM2-135M-Instruct].")
+              help="Model name (`ondevice list`; pulled on first use), directory or .gguf "
+                   "file [default: SmolLM2-135M-Instruct].")
 @click.option("--backend", "-b", "backends", multiple=True,
               help="Candidate backend(s), repeatable or comma-separated.")
 @click.option("--quantize", "-q", "quantize", multiple=True,

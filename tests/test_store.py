@@ -300,6 +300,11 @@ def test_gguf_file_imported_once(env, tmp_path):
     second = resolve_model(str(g), quiet=True)
     assert first == second and [e.name for e in Store().entries()] == ["mine:q8_0"]
     assert not (Path(os.environ["ONDEVICE_HOME"]) / "models").exists()
+    write_gguf(g, qtype=Q.Q4_0)  # the file changed: its import replaces the old one
+    os.utime(g, (time.time() + 5, time.time() + 5))
+    third = resolve_model(g, quiet=True)
+    assert third == first and [e.name for e in Store().entries()] == ["mine:q8_0"]
+    assert json.loads((third / "config.json").read_text())["quantization"]["bits"] == 4
 
 
 # -- list, show, rm ----------------------------------------------------------------------------
@@ -443,3 +448,21 @@ def test_readme_server_snippet_runs_verbatim(tmp_path, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_locks_of_dead_or_reused_pids_do_not_block_rm(env, tmp_path):
+    write_gguf(tmp_path / "lock-Q8_0.gguf", qtype=Q.Q8_0)
+    entry = store.import_gguf(tmp_path / "lock-Q8_0.gguf", quiet=True)
+    s = Store()
+    with s.hold(entry.path):
+        assert s.users(entry) == [os.getpid()]
+        with pytest.raises(store.StoreError, match="in use"):
+            s.remove(entry)
+    assert s.users(entry) == []
+    locks = s.root / ".locks" / entry.path.name
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (locks / str(dead.pid)).write_text(f"{entry.name}\n0\n")  # a server killed by a signal
+    (locks / str(os.getpid())).write_text(f"{entry.name}\n1.0\n")  # our pid, another start
+    assert s.users(entry) == [] and not list(locks.iterdir())
+    assert s.remove(entry) > 0 and s.entries() == []

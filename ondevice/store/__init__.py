@@ -13,11 +13,11 @@ from pathlib import Path
 from .catalog import PACKAGES, CatalogEntry, catalog, parse_hub_name
 from .entries import Entry, Store, StoreError, store_root
 from .hub import ChecksumError, PullError
-from .pull import import_gguf, looks_like_name, lookup, pull
+from .pull import import_gguf, lookup, pull
 
 __all__ = [
     "PACKAGES", "CatalogEntry", "ChecksumError", "Entry", "PullError", "Store", "StoreError",
-    "catalog", "import_gguf", "lookup", "looks_like_name", "parse_hub_name", "pull", "resolve",
+    "catalog", "import_gguf", "lookup", "parse_hub_name", "pull", "resolve",
     "store_root",
 ]
 

@@ -199,16 +199,14 @@ class Store:
     # -- in use ------------------------------------------------------------------------------
     def users(self, entry: Entry) -> list[int]:
         """Ids of the running processes that hold ``entry`` (stale pid files are dropped)."""
-        import psutil
-
         lock_dir = self.root / LOCKS / entry.path.name
         if not lock_dir.is_dir():
             return []
         pids = []
         for f in lock_dir.iterdir():
-            if f.name.isdigit() and psutil.pid_exists(int(f.name)):
+            if f.name.isdigit() and _alive(int(f.name), f):
                 pids.append(int(f.name))
-            else:
+            else:  # its process is gone (a killed server cannot clean up after itself)
                 f.unlink(missing_ok=True)
         return sorted(pids)
 
@@ -227,11 +225,32 @@ class Store:
             return
         lock = self.root / LOCKS / entry.path.name / str(os.getpid())
         lock.parent.mkdir(parents=True, exist_ok=True)
-        lock.write_text(f"{entry.name}\n")
+        lock.write_text(f"{entry.name}\n{_started(os.getpid())}\n")
         try:
             yield entry
         finally:
             lock.unlink(missing_ok=True)
+
+
+def _started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(pid: int, lock: Path) -> bool:
+    """Whether the process that wrote ``lock`` still runs (not a later one with its pid)."""
+    started = _started(pid)
+    if started is None:
+        return False
+    try:
+        recorded = float(lock.read_text().split("\n")[1])
+    except (OSError, IndexError, ValueError):
+        return True  # cannot tell: err on the side of keeping the model
+    return abs(recorded - started) < 1.0
 
 
 def describe_model_dir(path: Path) -> dict[str, Any]:

@@ -60,12 +60,6 @@ def lookup(name: str, store: Store | None = None) -> Entry | None:
     return None
 
 
-def looks_like_name(text: str) -> bool:
-    """Whether ``text`` could be a model name rather than a path the user mistyped."""
-    return bool(Store().get(text) or text in catalog() or text in PACKAGES
-                or parse_hub_name(text))
-
-
 def pull(name: str, *, quiet: bool = False, store: Store | None = None) -> tuple[Entry, bool]:
     """The entry for ``name``, pulling it when the store does not have it yet.
 
@@ -76,16 +70,33 @@ def pull(name: str, *, quiet: bool = False, store: Store | None = None) -> tuple
     entry = lookup(name, store)
     if entry is not None:
         return entry, False
+    with _one_at_a_time(store):
+        entry = lookup(name, store)
+        if entry is not None:
+            return entry, False
+        return _pull_new(name, store, quiet), True
+
+
+def _one_at_a_time(store: Store):
+    """One pull or import at a time per store: two commands started together on a new name
+    must not both build it; the second one finds the first one's entry."""
+    from filelock import FileLock  # (a dependency of huggingface_hub)
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(store.root / ".pull.lock"))
+
+
+def _pull_new(name: str, store: Store, quiet: bool) -> Entry:
     aliases = catalog()
     if name in aliases:
-        return _pull_alias(aliases[name], store, quiet), True
+        return _pull_alias(aliases[name], store, quiet)
     if name in PACKAGES:
-        return pull_package(PACKAGES[name], store, quiet), True
+        return pull_package(PACKAGES[name], store, quiet)
     hn = parse_hub_name(name)
     if hn is not None:
         alias = next((a for a in aliases.values() if a.repo and a.repo.lower() == hn.repo.lower()
                       and (a.tag or "").upper() == (hn.tag or a.tag or "").upper()), None)
-        return pull_hub(hn, store, quiet, alias=alias), True
+        return pull_hub(hn, store, quiet, alias=alias)
     raise hub.PullError(
         f"unknown model {name!r}: not in the store (`ondevice list`), not an alias "
         "(`ondevice list --available`), not a Hub repo id (org/name[:TAG][@revision]) and not "
@@ -217,18 +228,27 @@ def import_gguf(path: Path, *, quiet: bool = False, store: Store | None = None) 
     for pkg in PACKAGES.values():  # the default model's own file: the package's entry
         shipped = packaged_gguf(pkg)
         if shipped is not None and shipped.resolve() == path:
-            return pull_package(pkg, store, quiet)
+            return pull(pkg.dist, quiet=quiet, store=store)[0]
     st = path.stat()
     source = {"kind": "file", "path": str(path), "size": st.st_size, "mtime": int(st.st_mtime)}
     existing = store.find(source)
     if existing is not None:
         return existing
+    with _one_at_a_time(store):
+        return store.find(source) or _import_gguf(path, source, quiet, store)
+
+
+def _import_gguf(path: Path, source: dict[str, Any], quiet: bool, store: Store) -> Entry:
     tag = gguf_tag(path.name)
     stem = path.name[:-len(".gguf")]
     if tag:
         stem = stem[: stem.upper().rfind(tag)].rstrip("-_.") or stem
     name = f"{stem.lower()}:{(tag or 'gguf').lower()}"
-    if store.get(name) is not None:  # another file of the same name: keep both apart
+    older = next((e for e in store.entries() if e.source.get("kind") == "file"
+                  and e.source.get("path") == source["path"]), None)
+    if older is not None:  # the file changed since: its new import replaces the old one
+        name = older.name
+    elif store.get(name) is not None:  # another file of the same name: keep both apart
         name = f"{name}-{dir_name(str(path))[-8:].lower()}"
     _say(quiet, f"importing {path.name} into the store as {name} (first use only)")
     work = store.staging(f"file-{name}")
