@@ -466,3 +466,17 @@ def test_locks_of_dead_or_reused_pids_do_not_block_rm(env, tmp_path):
     (locks / str(os.getpid())).write_text(f"{entry.name}\n1.0\n")  # our pid, another start
     assert s.users(entry) == [] and not list(locks.iterdir())
     assert s.remove(entry) > 0 and s.entries() == []
+
+
+def test_a_model_the_runtime_cannot_import_leaves_nothing(env, hub, tmp_path):
+    bad = tmp_path / "bad-Q8_0.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 4096)  # a header that does not parse
+    hub.add("ondevice-test/broken-GGUF", {"bad-Q8_0.gguf": bad})
+    from ondevice.errors import OndeviceError
+
+    with pytest.raises(OndeviceError) as err:  # the importer's own one-line error
+        store.pull("ondevice-test/broken-GGUF:Q8_0", quiet=True)
+    assert "\n" not in str(err.value)
+    root = Store().root
+    assert Store().entries() == [] and not [p for p in root.rglob("*") if p.is_file()
+                                             and p.name != ".pull.lock"]

