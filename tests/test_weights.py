@@ -143,7 +143,7 @@ def test_unknown_architecture(tmp_path):
         ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
         ({"hidden_size": -4}, "positive"),
         ({"rms_norm_eps": "x"}, "positive number"),
-        ({"quantization": {"bits": 3, "group_size": 64}}, "unsupported quantization"),
+        ({"quantization": {"bits": 7, "group_size": 64}}, "unsupported quantization"),
     ],
 )
 def test_bad_config_values(tmp_path, change, message):
