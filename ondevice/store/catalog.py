@@ -2,8 +2,8 @@
 
 A catalog entry maps an alias to a Hugging Face repo (and, for a GGUF repo, the quantization
 tag that picks the file) and/or to a Python package that ships the model. The built-in
-catalog is small on purpose; ``ONDEVICE_CATALOG`` names a TOML file whose ``[models."alias"]``
-tables add to it or replace entries (the tests point aliases at a local fake Hub this way).
+catalog is small on purpose; a TOML file of extra entries (``extra_catalog_path()`` in
+:mod:`ondevice.settings`), whose ``[models."alias"]`` tables add to it or replace entries (the tests point aliases at a local fake Hub this way).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OndeviceError
-from ..settings import env
+from ..settings import extra_catalog_path
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,9 @@ BUILTIN: tuple[CatalogEntry, ...] = (
 
 
 def catalog() -> dict[str, CatalogEntry]:
-    """The built-in aliases, with those of ``ONDEVICE_CATALOG`` (a TOML file) on top."""
+    """The built-in aliases, with those of the extra catalog file (if set) on top."""
     entries = {e.alias: e for e in BUILTIN}
-    path = env("ONDEVICE_CATALOG")
+    path = extra_catalog_path()
     if path:
         entries.update(_read_catalog(Path(path).expanduser()))
     return entries
