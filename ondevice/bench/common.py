@@ -112,8 +112,8 @@ def model_variant(model: str | os.PathLike | None, quantize: str, *, group_size:
                        progress=not quiet)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        if quantize == "f32":
-            return resolve_model(path, quiet=quiet)
+        # Every format, f32 included, is its own conversion: resolving the file would give the
+        # store's import, which keeps the GGUF's quantization.
         st = path.stat()
         out = home() / "models" / (f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}-"
                                    f"{quantize}{suffix}")
