@@ -12,7 +12,7 @@ import sys
 
 from ..errors import BackendUnavailableError
 
-KNOWN = ("numpy", "mlx", "wgpu", "coreml")
+KNOWN = ("numpy", "cpu", "mlx", "wgpu", "coreml")
 
 
 # The pip extra that brings each backend's dependencies (pyproject.toml).
@@ -22,18 +22,19 @@ EXTRAS = {"cpu": "cpu", "mlx": "mlx", "wgpu": "wgpu", "coreml": "coreml"}
 def _auto_order(system: str | None = None, machine: str | None = None) -> tuple[str, ...]:
     """Preference order for ``backend="auto"`` on this platform.
 
-    Apple Silicon: MLX first; it runs there on the Metal GPU with unified memory. Elsewhere
-    MLX has only its CPU device, and Linux builds of it do their matrix products with the
-    reference BLAS they ship. Measured on the 2-core test machine with the default model at
-    float32 (benchmarks/bench_mlx.py, benchmarks/bench_numpy.py), MLX decodes at 11-15 tok/s
-    and prefills at 20-35 tok/s where NumPy, on OpenBLAS, does about 20 and 370. So NumPy
-    stays first there, and MLX is the fallback.
+    Apple Silicon: MLX first; it runs there on the Metal GPU with unified memory, then the
+    ``cpu`` backend. Elsewhere no GPU backend is preferred: ``cpu`` first (numba kernels on
+    packed weights; dense models through the same BLAS as NumPy), then NumPy, the plain
+    float32 reference (without numba), then MLX, which has only its CPU device there and
+    whose Linux builds do their matrix products with the reference BLAS they ship (measured
+    on the 2-core test machine with the default model at float32: MLX decodes at 11-15 tok/s
+    and prefills at 20-35 tok/s where NumPy, on OpenBLAS, does about 20 and 370).
     """
     system = sys.platform if system is None else system
     machine = platform.machine() if machine is None else machine
     if system == "darwin" and machine == "arm64":
-        return ("mlx", "numpy")
-    return ("numpy", "mlx")
+        return ("mlx", "cpu", "numpy")
+    return ("cpu", "numpy", "mlx")
 
 
 # In order of preference for backend="auto".

@@ -17,7 +17,8 @@ from ondevice.sampling import SamplingParams
 from ondevice.settings import backend_options
 
 # Constructor keywords per backend: float32 arithmetic, MLX on its CPU device.
-FLOAT32 = {"mlx": {"device": "cpu", "dtype": "float32"}, "wgpu": {"dtype": "float32"}}
+FLOAT32 = {"mlx": {"device": "cpu", "dtype": "float32"}, "wgpu": {"dtype": "float32"},
+           "cpu": {}}
 BACKENDS = [name for name, (ok, _) in available_backends().items() if ok and name in FLOAT32]
 
 

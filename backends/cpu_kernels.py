@@ -1,0 +1,395 @@
+"""numba kernels of the ``cpu`` backend: products with packed (MLX affine) weights, paged
+attention with an online softmax, and the small row-wise ops.
+
+Packed weights are read where they lie. MLX's 4-bit layout, seen as bytes, holds elements
+``2i`` (low nibble) and ``2i + 1`` (high nibble) of a row in byte ``i``; 8-bit codes are one
+byte each, in order. Instead of reading ``x`` with a stride of two (which stops LLVM from
+vectorizing the inner loop), the activation row is rearranged once per call, group by group,
+into its even elements followed by its odd elements, so every load in the inner loop is
+contiguous. 5- and 6-bit codes (which straddle 32-bit words in MLX's layout) are repacked at
+load into the same nibble plane plus a plane of their high bits (the same bytes in total).
+
+Scales and biases stay 16-bit (float16 or bfloat16, read through a 65,536-entry table) or
+float32: a decode step reads every byte of them, and expanding them to float32 would add
+a fifth to the bytes a 4-bit decode step streams.
+
+For one activation row the group sum is factored out, ``sum_j (q_j s + b) x_j = s sum_j q_j
+x_j + b sum_j x_j``, so the inner loop is one convert and one multiply-add per weight.
+
+The numba compile cache lives under the ondevice home (``cache/numba``) unless
+``NUMBA_CACHE_DIR`` is set, so only the first start on a machine pays the JIT.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ..settings import home_dir
+
+# Threads that wait for the next parallel region sleep instead of spinning. Measured on the
+# shared 2-core machine (load ~12): decode 45 ms/token passive against 430-770 ms with
+# libgomp spinning (default or GOMP_SPINCOUNT=20000), since a spinning worker takes the
+# core the Python thread needs. Read by libgomp when numba first starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    # Read when each cached function is first compiled or loaded, so setting it here (before
+    # the decorators below run) is enough even when numba was imported earlier.
+    numba.config.CACHE_DIR = str(home_dir() / "cache" / "numba")
+
+F32 = np.float32
+# Fast-math without the no-NaN/no-Inf assumptions: the online softmax starts from -inf and
+# SiLU's exp overflows to inf for very negative gates, both on purpose.
+FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+JIT = dict(cache=True, fastmath=FAST, nogil=True)
+PAR = dict(JIT, parallel=True)
+
+# float16 / bfloat16 bit patterns -> float32, exact (bfloat16 is the top half of a float32).
+F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(F32)
+BF16_TABLE = (np.arange(1 << 16, dtype=np.uint32) << 16).view(F32)
+NO_TABLE = np.zeros(1, F32)  # scales stored as float32 need none
+
+
+def _to_f32(v, table):  # pragma: no cover - replaced by the overload inside kernels
+    raise NotImplementedError
+
+
+@overload(_to_f32, inline="always")
+def _to_f32_impl(v, table):
+    if isinstance(v, types.Integer):
+        return lambda v, table: table[v]
+    return lambda v, table: np.float32(v)
+
+
+# -- activations prepared once per product -------------------------------------------------
+@njit(**JIT)
+def _prepare_x(x, g):
+    """Each group of ``x`` rows as [even elements, odd elements], and each group's sum."""
+    t_rows, k = x.shape
+    half = g // 2
+    xd = np.empty((t_rows, k), F32)
+    xs = np.empty((t_rows, k // g), F32)
+    for t in range(t_rows):
+        for gi in range(k // g):
+            base = gi * g
+            s = F32(0)
+            for i in range(half):
+                e = x[t, base + 2 * i]
+                o = x[t, base + 2 * i + 1]
+                xd[t, base + i] = e
+                xd[t, base + half + i] = o
+                s += e + o
+            xs[t, gi] = s
+    return xd, xs
+
+
+# -- products with packed weights ------------------------------------------------------------
+# Inner loops index row slices from 0: numba then emits no negative-index wraparound and LLVM
+# sees contiguous loads (with ``w[n, b0 + i]`` it gathers lane by lane, 6x slower here), and
+# codes are widened to int32, not numba's default int64, so a vector holds 16 of them.
+@njit(**JIT)
+def _dot4(wr, xe, xo):
+    a = F32(0)
+    for i in range(wr.shape[0]):
+        byte = np.int32(wr[i])
+        a += F32(np.int32(byte & 15)) * xe[i] + F32(np.int32(byte >> 4)) * xo[i]
+    return a
+
+
+@njit(**JIT)
+def _dot8(wr, xr):
+    a = F32(0)
+    for i in range(wr.shape[0]):
+        a += F32(wr[i]) * xr[i]
+    return a
+
+
+@njit(**JIT)
+def _dot_high(hr, xr, bits):
+    """sum_j 16 * high_j * x_j over one group: the part of 5/6-bit codes above 4 bits."""
+    a = F32(0)
+    if bits == 5:  # one high bit per element, 8 per byte, in element order
+        for i in range(xr.shape[0]):
+            a += F32(np.int32((hr[i >> 3] >> (i & 7)) & 1)) * xr[i]
+    else:  # two per element, 4 per byte
+        for i in range(xr.shape[0]):
+            a += F32(np.int32((hr[i >> 2] >> (2 * (i & 3))) & 3)) * xr[i]
+    return F32(16) * a
+
+
+@njit(**PAR)
+def qgemv(x, w, hi, scales, biases, table, g, bits, y):
+    """``y[t, n] = sum_j W[n, j] x[t, j]`` for a few rows ``t`` (decode), W packed.
+
+    Rows of W are split over threads; each weight row is read once and dotted with every
+    row of ``x`` while it is in L1.
+    """
+    t_rows, k = x.shape
+    n_rows = w.shape[0]
+    ng = k // g
+    half = g // 2
+    hb = g * (bits - 4) // 8  # bytes of high bits per group (5/6 bits)
+    xd, xs = _prepare_x(x, g)
+    for n in prange(n_rows):
+        for t in range(t_rows):
+            acc = F32(0)
+            for gi in range(ng):
+                k0 = gi * g
+                if bits == 8:
+                    a = _dot8(w[n, k0:k0 + g], x[t, k0:k0 + g])
+                else:
+                    a = _dot4(w[n, k0 // 2:k0 // 2 + half], xd[t, k0:k0 + half],
+                              xd[t, k0 + half:k0 + g])
+                    if bits != 4:
+                        a += _dot_high(hi[n, gi * hb:gi * hb + hb], x[t, k0:k0 + g], bits)
+                acc += (_to_f32(scales[n, gi], table) * a
+                        + _to_f32(biases[n, gi], table) * xs[t, gi])
+            y[t, n] = acc
+
+
+@njit(**JIT)
+def _dequantize_row(w, hi, scales, biases, table, g, bits, n, out):
+    """Row ``n`` of W as float32 into ``out[:]`` (``q * scale + bias``, in the reference's
+    order of operations)."""
+    k = out.shape[0]
+    half = g // 2
+    for gi in range(k // g):
+        s = _to_f32(scales[n, gi], table)
+        b = _to_f32(biases[n, gi], table)
+        k0 = gi * g
+        if bits == 8:
+            for i in range(g):
+                out[k0 + i] = F32(w[n, k0 + i]) * s + b
+            continue
+        b0 = k0 // 2
+        for i in range(half):
+            byte = w[n, b0 + i]
+            lo = np.int32(byte & 15)
+            hh = np.int32(byte >> 4)
+            if bits == 5:
+                h0 = k0 // 8
+                j = 2 * i
+                lo += 16 * ((hi[n, h0 + (j >> 3)] >> (j & 7)) & 1)
+                j += 1
+                hh += 16 * ((hi[n, h0 + (j >> 3)] >> (j & 7)) & 1)
+            elif bits == 6:
+                h0 = k0 // 4
+                j = 2 * i
+                lo += 16 * ((hi[n, h0 + (j >> 2)] >> (2 * (j & 3))) & 3)
+                j += 1
+                hh += 16 * ((hi[n, h0 + (j >> 2)] >> (2 * (j & 3))) & 3)
+            out[k0 + 2 * i] = F32(lo) * s + b
+            out[k0 + 2 * i + 1] = F32(hh) * s + b
+
+
+ROW_BLOCK = 16  # weight rows a prefill product dequantizes at a time (per thread)
+
+
+@njit(**JIT)
+def _dot4rows(wr, x, t, out, col):
+    """Dot one dequantized weight row with activation rows ``t .. t+3`` (each weight load
+    feeds four multiply-adds)."""
+    a0 = F32(0)
+    a1 = F32(0)
+    a2 = F32(0)
+    a3 = F32(0)
+    x0 = x[t]
+    x1 = x[t + 1]
+    x2 = x[t + 2]
+    x3 = x[t + 3]
+    for i in range(wr.shape[0]):
+        w = wr[i]
+        a0 += w * x0[i]
+        a1 += w * x1[i]
+        a2 += w * x2[i]
+        a3 += w * x3[i]
+    out[t, col] = a0
+    out[t + 1, col] = a1
+    out[t + 2, col] = a2
+    out[t + 3, col] = a3
+
+
+@njit(**PAR)
+def qgemm(x, w, hi, scales, biases, table, g, bits, y):
+    """``y = x @ W.T`` for many rows of ``x`` (prefill chunks), W packed: each thread
+    dequantizes ``ROW_BLOCK`` weight rows into its own small buffer (L1/L2-resident) and
+    multiplies every activation row with them."""
+    t_rows, k = x.shape
+    n_rows = w.shape[0]
+    n_blocks = (n_rows + ROW_BLOCK - 1) // ROW_BLOCK
+    t4 = t_rows - t_rows % 4
+    for blk in prange(n_blocks):
+        r0 = blk * ROW_BLOCK
+        r1 = min(n_rows, r0 + ROW_BLOCK)
+        buf = np.empty((ROW_BLOCK, k), F32)
+        for r in range(r0, r1):
+            _dequantize_row(w, hi, scales, biases, table, g, bits, r, buf[r - r0])
+        for t in range(0, t4, 4):
+            for r in range(r0, r1):
+                _dot4rows(buf[r - r0], x, t, y, r)
+        for t in range(t4, t_rows):
+            xt = x[t]
+            for r in range(r0, r1):
+                wr = buf[r - r0]
+                a = F32(0)
+                for i in range(k):
+                    a += wr[i] * xt[i]
+                y[t, r] = a
+
+
+@njit(**PAR)
+def dequantize_rows(w, hi, scales, biases, table, g, bits, r0, out):
+    """Rows ``r0 .. r0 + len(out)`` of W as float32 into ``out``."""
+    for r in prange(out.shape[0]):
+        _dequantize_row(w, hi, scales, biases, table, g, bits, r0 + r, out[r])
+
+
+@njit(**JIT)
+def gather_rows(w, hi, scales, biases, table, g, bits, ids, out):
+    """Embedding lookup in a packed table: row ``ids[t]`` of W into ``out[t]``."""
+    for t in range(ids.shape[0]):
+        _dequantize_row(w, hi, scales, biases, table, g, bits, ids[t], out[t])
+
+
+# -- small row-wise ops -------------------------------------------------------------------
+@njit(**JIT)
+def rms_norm(x, weight, eps):
+    t_rows, d = x.shape
+    out = np.empty((t_rows, d), F32)
+    for t in range(t_rows):
+        ss = np.float64(0)
+        for i in range(d):
+            ss += np.float64(x[t, i]) * x[t, i]
+        r = F32(1.0 / np.sqrt(ss / d + eps))
+        for i in range(d):
+            out[t, i] = x[t, i] * r * weight[i]
+    return out
+
+
+@njit(**JIT)
+def rope(x, cos, sin, heads, head_dim):
+    """Rotate-half RoPE on ``x[T, heads * head_dim]`` with per-row cos/sin ``[T, hd / 2]``."""
+    t_rows = x.shape[0]
+    half = head_dim // 2
+    out = np.empty((t_rows, heads * head_dim), F32)
+    for t in range(t_rows):
+        for h in range(heads):
+            b = h * head_dim
+            for i in range(half):
+                x1 = x[t, b + i]
+                x2 = x[t, b + half + i]
+                c = cos[t, i]
+                s = sin[t, i]
+                out[t, b + i] = x1 * c - x2 * s
+                out[t, b + half + i] = x2 * c + x1 * s
+    return out
+
+
+@njit(**JIT)
+def silu_mul(gate, up):
+    t_rows, d = gate.shape
+    out = np.empty((t_rows, d), F32)
+    for t in range(t_rows):
+        for i in range(d):
+            g = gate[t, i]
+            out[t, i] = g / (F32(1) + np.exp(-g)) * up[t, i]
+    return out
+
+
+@njit(**JIT)
+def gelu_tanh_mul(gate, up):
+    """0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) * up, constants in float32."""
+    t_rows, d = gate.shape
+    out = np.empty((t_rows, d), F32)
+    c = F32(np.sqrt(2 / np.pi))
+    for t in range(t_rows):
+        for i in range(d):
+            g = gate[t, i]
+            inner = c * (g + F32(0.044715) * g * g * g)
+            out[t, i] = F32(0.5) * g * (F32(1) + np.tanh(inner)) * up[t, i]
+    return out
+
+
+@njit(**JIT)
+def write_kv(kv, layer, k, v, slots):
+    """K/V rows into the pool ``[layers, 2, blocks, block_size, kv_heads, head_dim]``."""
+    bs, kvh, hd = kv.shape[3], kv.shape[4], kv.shape[5]
+    for t in range(slots.shape[0]):
+        blk = slots[t] // bs
+        off = slots[t] % bs
+        for h in range(kvh):
+            for i in range(hd):
+                kv[layer, 0, blk, off, h, i] = k[t, h * hd + i]
+                kv[layer, 1, blk, off, h, i] = v[t, h * hd + i]
+
+
+# -- paged attention -----------------------------------------------------------------------
+@njit(**PAR)
+def paged_attention(kv, layer, q, row_seq, positions, seq_lens, block_tables, heads, scale,
+                    window):
+    """Causal attention of every query row over its sequence's paged K/V (with ``window``
+    > 0, the query at position p sees only keys p - window + 1 .. p).
+
+    One work item per (row, KV head): the query heads that share the KV head are processed
+    together, so each key and value is loaded once per group. Keys are taken a block at a
+    time, with an online softmax (running max and sum, rescaled once per block).
+    """
+    t_rows = q.shape[0]
+    bs, kvh, hd = kv.shape[3], kv.shape[4], kv.shape[5]
+    grp = heads // kvh
+    out = np.empty((t_rows, heads * hd), F32)
+    for item in prange(t_rows * kvh):
+        t = item // kvh
+        g = item % kvh
+        s = row_seq[t]
+        length = min(positions[t] + 1, seq_lens[s])
+        first = max(0, positions[t] - window + 1) if window > 0 else 0
+        m = np.full(grp, -np.inf, dtype=F32)
+        den = np.zeros(grp, F32)
+        acc = np.zeros((grp, hd), F32)
+        qq = np.empty((grp, hd), F32)
+        for h in range(grp):
+            for i in range(hd):
+                qq[h, i] = q[t, (g * grp + h) * hd + i] * scale
+        sc = np.empty((grp, bs), F32)
+        n_blocks = (length + bs - 1) // bs
+        for b in range(first // bs, n_blocks):
+            blk = block_tables[s, b]
+            j0 = max(0, first - b * bs)
+            n = min(bs, length - b * bs)
+            for h in range(grp):
+                mb = m[h]
+                for j in range(j0, n):
+                    d = F32(0)
+                    for i in range(hd):
+                        d += qq[h, i] * kv[layer, 0, blk, j, g, i]
+                    sc[h, j] = d
+                    if d > mb:
+                        mb = d
+                corr = np.exp(m[h] - mb)
+                den[h] *= corr
+                for i in range(hd):
+                    acc[h, i] *= corr
+                m[h] = mb
+                for j in range(j0, n):
+                    p = np.exp(sc[h, j] - mb)
+                    den[h] += p
+                    for i in range(hd):
+                        acc[h, i] += p * kv[layer, 1, blk, j, g, i]
+        for h in range(grp):
+            inv = F32(1) / den[h]
+            for i in range(hd):
+                out[t, (g * grp + h) * hd + i] = acc[h, i] * inv
+    return out
+
+
+@njit(**PAR)
+def touch(a):
+    """Write zeros over a flat array with every thread, faulting its pages in now."""
+    for i in prange(a.shape[0]):
+        a[i] = 0
