@@ -22,6 +22,7 @@ from .settings import (
     EngineConfig,
     MlxOptions,
     NumpyOptions,
+    SpeculativeConfig,
     WgpuOptions,
 )
 
@@ -45,7 +46,7 @@ def load(model: Any = None, backend: str = "auto", *, policy: Any = None, **kwar
 
 __all__ = [
     "BackendOptions", "CoreMLOptions", "CpuOptions", "EngineConfig", "MlxOptions",
-    "NumpyOptions", "WgpuOptions",
+    "NumpyOptions", "SpeculativeConfig", "WgpuOptions",
     "BackendUnavailableError", "Chunk", "Model", "ModelFormatError", "OndeviceError",
     "RequestError", "SamplingError", "SamplingParams", "TokenizerError",
     "UnknownSamplingOptionError", "UnsupportedModelError", "load",
