@@ -371,3 +371,57 @@ def test_copy_blocks_and_block_io(pair):
     be.write_blocks([9, 2], data)
     np.testing.assert_array_equal(be.read_blocks([9, 2]), as_stored(be, data))
     assert be.read_blocks([]).shape == be.kv_block_shape(0)
+
+
+# -- the cpu backend's packed weights: every width and group size it keeps packed ------------
+PACKED_NMSE = 1e-6  # packed products against NumPy on the same dequantized weights
+CPU_PACKED = [(bits, gs) for bits in (4, 5, 6, 8) for gs in (32, 64, 128)]
+_cpu_pairs: dict[tuple[int, int], tuple] = {}
+
+
+@pytest.fixture(params=CPU_PACKED, ids=[f"q{b}-g{g}" for b, g in CPU_PACKED])
+def cpu_packed_pair(request, tmp_path_factory):
+    """(NumPy, cpu) on a tiny model quantized at (bits, group size): GQA 2, an odd
+    vocabulary (the tied head's odd row count), head_dim 64."""
+    if "cpu" not in VARIANTS:
+        pytest.skip("the cpu backend is not available here")
+    bits, gs = request.param
+    if request.param not in _cpu_pairs:
+        cfg = tiny_config(hidden_size=128, intermediate_size=384, num_attention_heads=6,
+                          num_key_value_heads=3, head_dim=64, vocab_size=333)
+        path = tmp_path_factory.mktemp(f"cpu-q{bits}-g{gs}")
+        write_model(path, cfg, tokenizer=False, seed=3, bits=bits, group_size=gs)
+        md = ModelDir(path)
+        _cpu_pairs[request.param] = (NumpyBackend(md, num_blocks=NUM_BLOCKS, block_size=16),
+                                     _build("cpu", {}, md, 16))
+    return _cpu_pairs[request.param]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 40])  # decode rows (GEMV) and prefill chunks (GEMM)
+def test_cpu_packed_linear_and_logits(cpu_packed_pair, rows):
+    ref, be = cpu_packed_pair
+    rng = np.random.default_rng(20 + rows)
+    ref_lin, be_lin = linears(ref.params), linears(be.params)
+    for name in ref_lin:
+        x = rand(rng, rows, in_features(ref, name))
+        check(be.ops.linear(x, be_lin[name]), ref.ops.linear(x, ref_lin[name]), PACKED_NMSE)
+    x = rand(rng, rows, ref.config.hidden_size)
+    check(be.ops.logits(x, be.params.lm_head), ref.ops.logits(x, ref.params.lm_head),
+          PACKED_NMSE)
+    ids = rng.integers(0, ref.config.vocab_size, rows)
+    check(be.ops.embedding(be.params.embed, ids), ref.ops.embedding(ref.params.embed, ids),
+          F32_NMSE)
+
+
+def test_cpu_packed_forward(cpu_packed_pair):
+    """Prefill chunks and decode rows of several sequences in one batch, then decode steps."""
+    ref, be = cpu_packed_pair
+    bs, vocab = ref.block_size, ref.config.vocab_size
+    rng = np.random.default_rng(21)
+    a, b = rng.integers(0, vocab, 37).tolist(), rng.integers(0, vocab, 5).tolist()
+    ta, tb = _tables(rng, [50, 20], bs)
+    steps = [[(a[:20], 0, ta), (b, 0, tb)], [(a[20:], 20, ta), ([3], 5, tb)],
+             [([4], 37, ta), ([5], 6, tb)]]
+    for seqs in steps:
+        batch = BatchInput.build(seqs, bs)
+        check(be.forward(batch), ref.forward(batch), PACKED_NMSE)
