@@ -152,7 +152,7 @@ def main() -> None:
 
     from ondevice.default_model import default_model_dir
 
-    f32 = Path(args.f32) if args.f32 else default_model_dir(quiet=True)
+    f32 = Path(args.f32) if args.f32 else default_model_dir("f32", quiet=True)
     tmp = None
     if args.q4:
         q4 = Path(args.q4)

@@ -215,7 +215,7 @@ def main() -> None:
     else:
         from ondevice.default_model import default_model_dir
 
-        f32_dir = Path(default_model_dir(quiet=True))
+        f32_dir = Path(default_model_dir("f32", quiet=True))
     q4_dir = _q4_dir(f32_dir, args.q4)
     adapter = choose_adapter()
     result: dict = {
