@@ -26,8 +26,25 @@ def model_info(model: str | None) -> dict[str, object]:
         "context_length": c.context_length,
         "vocab_size": c.vocab_size,
         "tied_embeddings": c.tie_word_embeddings,
-        "quantization": f"{q['bits']}-bit, group {q['group_size']}" if q else "none",
+        "quantization": _quantization(q),
         "weights_on_disk": f"{md.weight_bytes / 2**20:.1f} MiB",
         "chat_template": "yes" if tok.chat_template else "no",
         "eos_token_ids": sorted(tok.eos_token_ids),
     }
+
+
+def _quantization(q: dict | None) -> str:
+    """``4-bit, group 32`` plus the per-module layouts that differ (GGUF mixes such as Q4_K_M:
+    ``; 8-bit g32 x3, 6-bit g32 x9``)."""
+    if not q:
+        return "none"
+    text = f"{q['bits']}-bit, group {q['group_size']}"
+    counts: dict[str, int] = {}
+    for value in q.values():
+        if isinstance(value, dict) and "bits" in value:
+            layout = f"{value['bits']}-bit g{value.get('group_size', q['group_size'])}"
+            counts[layout] = counts.get(layout, 0) + 1
+    if counts:
+        text += "; overrides: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+    return text
+
