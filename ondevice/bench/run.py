@@ -170,7 +170,8 @@ def bench_config(path: Path, backend: str, quantize: str, s: BenchSettings,
     rss_before = current_rss_bytes()
     t0 = time.perf_counter()
     model = ondevice.load(path, backend=backend, kv_memory=s.kv_memory, quiet=True,
-                          max_num_seqs=max(max(s.concurrency), 1))
+                          max_num_seqs=max(max(s.concurrency), 1),
+                          options=_backend_options(backend, s))
     load_s = time.perf_counter() - t0
     try:
         rt = model.runtime
@@ -214,12 +215,18 @@ def bench_config(path: Path, backend: str, quantize: str, s: BenchSettings,
             # KV utilization of the largest batch: live token slots / allocated slots.
             "kv_utilization": curve[-1]["kv_utilization"],
             "concurrency": curve,
+            "backend_description": be.describe(),  # threads, packed weight bytes (cpu)
         }
         return out
     finally:
         model.close()
         del model
         gc.collect()
+
+
+def _backend_options(backend: str, s: BenchSettings) -> dict | None:
+    """The ``cpu`` backend runs its kernels on as many threads as llama.cpp gets."""
+    return {"threads": s.threads} if backend == "cpu" and s.threads else None
 
 
 # -- the whole run ---------------------------------------------------------------------------
