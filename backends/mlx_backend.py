@@ -40,6 +40,7 @@ op on them), plus ``ops.from_host`` / ``ops.to_host`` to move NumPy arrays in an
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -283,6 +284,7 @@ class MlxOps:
         self.rope_tables = RopeTables()
         self._dirty: set[int] = set()
         self._step: dict[int, tuple[Any, Any]] | None = None  # per-forward conversions
+        self._window_plans: dict[tuple[int, int], tuple[BatchInput, _Attention]] = {}
 
     # Host <-> device, for the conformance harness and the backend's own bookkeeping.
     def from_host(self, a: np.ndarray) -> mx.array:
@@ -370,7 +372,13 @@ class MlxOps:
         # CPU: mx.fast.rope runs there as a dozen small ops (about 3x the time of these four,
         # measured); cos and sin are looked up once per step for every layer, and the result
         # rounds exactly like the NumPy reference's.
-        cos, sin = self._cached(positions, lambda: self._cos_sin(positions, inv_freq))
+        # Per step and positions, one entry per RoPE base (Gemma 3's local and global layers
+        # use different bases).
+        tables = self._cached(positions, dict)
+        hit = tables.get(id(inv_freq))
+        if hit is None or hit[0] is not inv_freq:
+            hit = tables[id(inv_freq)] = (inv_freq, self._cos_sin(positions, inv_freq))
+        cos, sin = hit[1]
         half = head_dim // 2
         x = x.reshape(t, heads, head_dim)
         rotated = mx.concatenate([x[..., half:], x[..., :half]], axis=-1)
@@ -397,10 +405,21 @@ class MlxOps:
         vp[slots] = v.reshape(shape).astype(vp.dtype)
         self._dirty.add(layer)
 
-    def _plan(self, batch: BatchInput) -> _Attention:
-        return self._cached(batch, lambda: self._build_plan(batch))
+    def _plan(self, batch: BatchInput, window: int = 0) -> _Attention:
+        if not window:
+            return self._cached(batch, lambda: self._build_plan(batch))
+        # Windowed layers (Gemma 3's local ones) share one plan per step and window.
+        key = (id(batch), window)
+        hit = self._window_plans.get(key)
+        if hit is None or hit[0] is not batch:
+            if self._window_plans and next(iter(self._window_plans.values()))[0] is not batch:
+                self._window_plans.clear()
+            hit = self._window_plans[key] = (batch, self._build_plan(batch, window))
+        return hit[1]
 
-    def _build_plan(self, batch: BatchInput) -> _Attention:
+    def _build_plan(self, batch: BatchInput, window: int = 0) -> _Attention:
+        """``window`` > 0: each query at position p sees only keys p-window+1 .. p, and only
+        those keys are gathered (the blocks before them may already be back in the pool)."""
         bs = self.block_size
         qsl = batch.query_start_loc.astype(np.int64)
         lens = batch.seq_lens.astype(np.int64)
@@ -413,11 +432,14 @@ class MlxOps:
         contiguous = None
         if dec.size:
             rows = qsl[dec]
-            lmax = int(lens[dec].max())
-            j = np.arange(lmax)
-            blocks = tables[dec][:, np.minimum(j // bs, tables.shape[1] - 1)]
-            slots = blocks * bs + j % bs
-            visible = (j[None] < lens[dec, None]) & (j[None] <= pos[rows, None])
+            # Keys of row r are positions first[r] + j; without a window first is 0.
+            first = np.maximum(pos[rows] - window + 1, 0) if window else np.zeros_like(rows)
+            lmax = int((lens[dec] - first).max())
+            kpos = first[:, None] + np.arange(lmax)[None]  # [D, Lmax]
+            cols = np.minimum(kpos // bs, tables.shape[1] - 1)
+            blocks = np.take_along_axis(tables[dec], cols, axis=1)
+            slots = blocks * bs + kpos % bs
+            visible = (kpos < lens[dec, None]) & (kpos <= pos[rows, None])
             slots = np.where(visible, slots, 0)
             d_slots = mx.array(slots.astype(np.int32))
             # Without padding or hidden keys (one sequence, or equal lengths) no mask at all.
@@ -430,9 +452,16 @@ class MlxOps:
         chunks = []
         for s in np.flatnonzero(n > 1):
             start, end, length = int(qsl[s]), int(qsl[s + 1]), int(lens[s])
+            p = pos[start:end]
+            if window:
+                j = np.arange(max(int(p.min()) - window + 1, 0), length)
+                slots = (tables[s, j // bs] * bs + j % bs).astype(np.int32)
+                mask = mx.array((j[None, :] <= p[:, None]) & (j[None, :] > p[:, None] - window))
+                chunks.append((start, end, mx.array(slots), mask, 0))
+                order.append(np.arange(start, end))
+                continue
             j = np.arange(length)
             slots = (tables[s, j // bs] * bs + j % bs).astype(np.int32)
-            p = pos[start:end]
             if np.array_equal(p, np.arange(length - (end - start), length)):
                 # Causal (lower-right aligned: the last query sees every key). On the CPU the
                 # chunk is cut into pieces of equal work, one per stream; each piece is again
@@ -464,8 +493,9 @@ class MlxOps:
         edges = [0, *sorted({int(c) for c in cuts if 0 < c < rows}), rows]
         return list(zip(edges[:-1], edges[1:], strict=True))
 
-    def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale):
-        plan = self._plan(batch)
+    def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale,
+                        window: int = 0):
+        plan = self._plan(batch, window)
         kp, vp = self.k[layer], self.v[layer]
         streams = self.streams()
         outs = []
@@ -519,6 +549,17 @@ class MlxOps:
     def silu_mul(self, gate, up) -> mx.array:
         return _silu_mul_fused(gate, up) if self.fuse else _silu_mul(gate, up)
 
+    def gelu_tanh_mul(self, gate, up) -> mx.array:
+        return _gelu_tanh_mul_fused(gate, up) if self.fuse else _gelu_tanh_mul(gate, up)
+
+    def head_rms_norm(self, x, weight, eps, heads, head_dim) -> mx.array:
+        t = x.shape[0]
+        return mx.fast.rms_norm(x.reshape(t, heads, head_dim), weight, eps).reshape(
+            t, heads * head_dim)
+
+    def scale(self, x, factor) -> mx.array:
+        return x * factor  # a Python scalar keeps x's dtype
+
     def add(self, a, b) -> mx.array:
         return a + b
 
@@ -545,9 +586,20 @@ def _silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     return gate * mx.sigmoid(gate) * up
 
 
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+def _gelu_tanh_mul(gate: mx.array, up: mx.array) -> mx.array:
+    # GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as the
+    # NumPy reference evaluates it.
+    inner = _GELU_C * (gate + 0.044715 * gate * gate * gate)
+    return 0.5 * gate * (1 + mx.tanh(inner)) * up
+
+
 # One fused kernel instead of three on the GPU. Not on the CPU: there MLX compiles fused
 # kernels with the system's C++ compiler at run time, and saves about 1% of a decode step.
 _silu_mul_fused = mx.compile(_silu_mul, shapeless=True)
+_gelu_tanh_mul_fused = mx.compile(_gelu_tanh_mul, shapeless=True)
 
 
 def _expand_quantized(mode: str, config: ModelConfig, itemsize: int) -> bool:

@@ -7,6 +7,8 @@ K/V through its block table, so prefill chunks and decode rows share one code pa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..batch import BatchInput
@@ -64,6 +66,11 @@ class NumpyOps:
             self._plan = (batch, AttentionPlan.build(batch, self.block_size))
         return self._plan[1]
 
+    def layer_cache(self, layer: int, batch: BatchInput) -> tuple[np.ndarray, np.ndarray]:
+        """The KV of ``layer`` ``[2, blocks, block_size, kv_heads, head_dim]`` and the block
+        tables that index it."""
+        return self.kv[layer], batch.block_tables
+
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]
 
@@ -97,23 +104,32 @@ class NumpyOps:
         flat[0, slot_mapping] = k.reshape(-1, kvh, hd)
         flat[1, slot_mapping] = v.reshape(-1, kvh, hd)
 
-    def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale):
+    def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale,
+                        window: int = 0):
         t, g = q.shape[0], heads // kv_heads
         out = np.empty((t, kv_heads, g, head_dim), dtype=F32)
         q = q.reshape(t, kv_heads, g, head_dim)
-        cache = self.kv[layer]
+        cache, tables = self.layer_cache(layer, batch)
         pos = batch.positions
+        bs = self.block_size
         for s, start, end, length, n_blocks in self.plan(batch).sequences():
-            blocks = batch.block_tables[s, :n_blocks]
-            k = cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length]  # gather: [L, kvh, hd]
-            v = cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length]
+            # A window skips the blocks before its first visible key: they may already be freed.
+            first = max(0, int(pos[start]) - window + 1) // bs if window else 0
+            blocks = tables[s, first:n_blocks]
+            base = first * bs
+            k = cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length - base]  # [L, kvh, hd]
+            v = cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length - base]
             qs = q[start:end].transpose(1, 2, 0, 3)  # [kvh, g, n, hd]
             scores = qs @ k.transpose(1, 2, 0)[:, None]  # [kvh, g, n, L]
             scores *= F32(scale)
-            # Causal: the query at position p sees keys 0..p of its own sequence.
-            future = np.arange(length)[None, :] > pos[start:end, None]
-            if future.any():
-                scores[..., future] = -np.inf
+            # Causal: the query at position p sees keys 0..p of its own sequence (with a
+            # window, only p-window+1..p).
+            key_pos = np.arange(base, length)[None, :]
+            hidden = key_pos > pos[start:end, None]
+            if window:
+                hidden |= key_pos <= pos[start:end, None] - window
+            if hidden.any():
+                scores[..., hidden] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
@@ -123,6 +139,18 @@ class NumpyOps:
     def silu_mul(self, gate, up) -> np.ndarray:
         with np.errstate(over="ignore"):  # exp overflow for very negative gates -> silu = -0
             return gate / (1 + np.exp(-gate)) * up
+
+    def gelu_tanh_mul(self, gate, up) -> np.ndarray:
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), every constant float32.
+        inner = F32(math.sqrt(2 / math.pi)) * (gate + F32(0.044715) * gate * gate * gate)
+        return F32(0.5) * gate * (F32(1) + np.tanh(inner)) * up
+
+    def head_rms_norm(self, x, weight, eps, heads, head_dim) -> np.ndarray:
+        t = x.shape[0]
+        return self.rms_norm(x.reshape(t, heads, head_dim), weight, eps).reshape(t, heads * head_dim)
+
+    def scale(self, x, factor) -> np.ndarray:
+        return x * F32(factor)
 
     def add(self, a, b) -> np.ndarray:
         return a + b

@@ -54,16 +54,21 @@ SUPPORTED_TYPES = (
 
 @dataclass(frozen=True)
 class Architecture:
-    """How one ``general.architecture`` maps onto the Hugging Face Llama family."""
+    """How one ``general.architecture`` maps onto a Hugging Face model family."""
 
     model_type: str
     hf_class: str
     permuted_qk: bool  # whether llama.cpp permuted the q/k rows for its interleaved RoPE
+    # llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (Hugging Face keeps w):
+    # subtract the 1 again so the model directory is a Hugging Face checkpoint.
+    norm_plus_one: bool = False
 
 
 ARCHITECTURES = {
     "llama": Architecture("llama", "LlamaForCausalLM", permuted_qk=True),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", permuted_qk=False),
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False,
+                           norm_plus_one=True),
 }
 
 # GGUF tensor names -> Hugging Face names.
@@ -86,6 +91,21 @@ BLOCK_NAMES = {
         for kind in ("weight", "bias")
     },
 }
+# Gemma 3's per-layer tensors where they differ from the Llama names (its ffn_norm is the norm
+# before the MLP; post_attention_norm the one after attention).
+GEMMA3_BLOCK_NAMES = {
+    **BLOCK_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# llama.cpp's Gemma 3: local layers use RoPE base 10k; five local layers per global one; the
+# 27B model (62 layers) scales queries by hidden / heads instead of head_dim.
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+GEMMA3_PATTERN = 6
+GEMMA3_27B_LAYERS = 62
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -502,7 +522,33 @@ class GGUFModel:
             "bos_token_id": self.vocab.bos_id,
             "eos_token_id": self.vocab.eos_id,
         }
+        if arch.model_type == "gemma3_text":
+            cfg.update(self._gemma3_config(a, cfg))
         return {k: v for k, v in cfg.items() if v is not None}
+
+    def _gemma3_config(self, a: str, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The Gemma 3 keys of ``config.json`` that llama.cpp keeps as metadata or constants."""
+        window = self._field(a + "attention.sliding_window", int)
+        if window is None:
+            raise ModelFormatError(f"{self.path}: metadata {a}attention.sliding_window is missing")
+        n = cfg["num_hidden_layers"]
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+        scalar = hidden // heads if n == GEMMA3_27B_LAYERS else cfg["head_dim"]
+        return {
+            "hidden_act": None,  # Gemma names it hidden_activation
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": window,
+            "layer_types": [
+                "full_attention" if (i + 1) % GEMMA3_PATTERN == 0 else "sliding_attention"
+                for i in range(n)
+            ] if 0 < n <= 1024 else None,
+            "query_pre_attn_scalar": scalar,
+            "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+            "final_logit_softcapping": self._field(a + "final_logit_softcapping", float),
+            "tie_word_embeddings": True,
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
 
     def _rope_scaling(
         self, a: str, head_dim: int | None, theta: float
@@ -611,7 +657,7 @@ class GGUFModel:
         for name, info in self._tensors.items():
             if name == ROPE_FREQS:
                 continue  # folded into rope_scaling
-            hf = hf_name(name)
+            hf = hf_name(name, self.architecture)
             if hf is None:
                 raise UnsupportedModelError(
                     f"{self.path}: tensor {name!r} is not part of a supported "
@@ -636,7 +682,8 @@ class GGUFModel:
         for hf, spec in self.specs.items():
             if hf not in mapping:
                 raise ModelFormatError(
-                    f"{self.path}: missing tensor {gguf_name(hf)} ({hf}, expected shape "
+                    f"{self.path}: missing tensor {gguf_name(hf, self.architecture)} ({hf}, "
+                    f"expected shape "
                     f"{list(spec.shape)})"
                 )
         return mapping
@@ -662,6 +709,8 @@ class GGUFModel:
         data = self._raw(info)  # [rows, bytes per row]; a 1-D tensor is one row
         if len(shape) == 1:
             block = _dequantize(data, info, self.path).reshape(shape)
+            if self.architecture.norm_plus_one and self.specs[hf].kind == "norm":
+                block = block - np.float32(1)
             yield _unpermute(block, hd) if permuted else block
         else:
             step = max(1, max_elements // math.prod(shape[1:]))
@@ -756,24 +805,30 @@ class GGUFModel:
         self._file.close()
 
 
-def hf_name(gguf: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor name, or None if it is not a Llama tensor."""
+def _block_names(arch: Architecture | None) -> dict[str, str]:
+    return GEMMA3_BLOCK_NAMES if arch is not None and arch.model_type == "gemma3_text" else BLOCK_NAMES
+
+
+def hf_name(gguf: str, arch: Architecture | None = None) -> str | None:
+    """The Hugging Face name of a GGUF tensor name, or None if it is not a tensor of ``arch``
+    (default: the Llama family)."""
     if gguf in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf]
     m = _BLOCK_RE.fullmatch(gguf)
-    if m and m.group(2) in BLOCK_NAMES:
-        return f"model.layers.{int(m.group(1))}.{BLOCK_NAMES[m.group(2)]}"
+    names = _block_names(arch)
+    if m and m.group(2) in names:
+        return f"model.layers.{int(m.group(1))}.{names[m.group(2)]}"
     return None
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: Architecture | None = None) -> str:
     """Inverse of :func:`hf_name` (for messages)."""
     for g, h in GLOBAL_NAMES.items():
         if h == hf:
             return g
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
     if m:
-        for g, h in BLOCK_NAMES.items():
+        for g, h in _block_names(arch).items():
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}"
     return hf

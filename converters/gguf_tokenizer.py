@@ -24,9 +24,9 @@ from ..errors import TokenizerError, UnsupportedModelError
 # llama.cpp's token types (``tokenizer.ggml.token_type``).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# End-of-turn markers of common chat formats (ChatML, Llama 3); a chat model stops on them even
-# when the GGUF names another token as eos.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
+# End-of-turn markers of common chat formats (ChatML, Llama 3, Gemma); a chat model stops on
+# them even when the GGUF names another token as eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

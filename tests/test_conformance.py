@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from tiny import tiny_config, write_model
+from tiny import tiny_config, tiny_gemma_config, write_model
 
 from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
@@ -371,6 +371,118 @@ def test_copy_blocks_and_block_io(pair):
     be.write_blocks([9, 2], data)
     np.testing.assert_array_equal(be.read_blocks([9, 2]), as_stored(be, data))
     assert be.read_blocks([]).shape == be.kv_block_shape(0)
+
+
+# -- Gemma 3's ops (a Gemma-shaped model: q/k norms, GELU-tanh gate, windowed local layers) ----
+GEMMA_BLOCK = 8
+GEMMA_WINDOW = 20  # 2.5 blocks: windows that start mid-block
+_gemma_pairs: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def gemma_pair(variant, tmp_path_factory):
+    if variant not in _gemma_pairs:
+        path = tmp_path_factory.mktemp("gemma")
+        write_model(path, tiny_gemma_config(sliding_window=GEMMA_WINDOW), tokenizer=False, seed=11)
+        md = ModelDir(path)
+        name, kw = VARIANTS[variant]
+        _gemma_pairs[variant] = (NumpyBackend(md, num_blocks=NUM_BLOCKS, block_size=GEMMA_BLOCK),
+                                 _build(name, kw, md, GEMMA_BLOCK))
+    return _gemma_pairs[variant]
+
+
+def test_gelu_tanh_mul(gemma_pair):
+    ref, be = gemma_pair
+    rng = np.random.default_rng(14)
+    width = ref.config.intermediate_size
+    gate, up = rand(rng, 9, width, scale=4.0), rand(rng, 9, width)
+    gate[0, :5] = [-100.0, -30.0, 30.0, 0.0, 100.0]  # saturated tanh both ways, zero
+    got = host(be, be.ops.gelu_tanh_mul(dev(be, gate), dev(be, up)))
+    check(got, ref.ops.gelu_tanh_mul(gate, up), F32_NMSE)
+
+
+def test_head_rms_norm(gemma_pair):
+    ref, be = gemma_pair
+    c = ref.config
+    rng = np.random.default_rng(15)
+    for heads, field in ((c.num_attention_heads, "q_norm"), (c.num_key_value_heads, "k_norm")):
+        x = rand(rng, 7, heads * c.head_dim, scale=3.0)
+        w_ref, w_be = getattr(ref.params.layers[0], field), getattr(be.params.layers[0], field)
+        got = host(be, be.ops.head_rms_norm(dev(be, x), w_be, c.rms_norm_eps, heads, c.head_dim))
+        check(got, ref.ops.head_rms_norm(x, w_ref, c.rms_norm_eps, heads, c.head_dim), F32_NMSE)
+
+
+def test_scale(gemma_pair):
+    ref, be = gemma_pair
+    rng = np.random.default_rng(16)
+    x = rand(rng, 6, ref.config.hidden_size)
+    factor = ref.model.embed_scale
+    check(host(be, be.ops.scale(dev(be, x), factor)), ref.ops.scale(x, factor), F32_NMSE)
+
+
+@pytest.mark.parametrize("layout", ["mixed", "decode-batch", "prefill-after-context",
+                                    "single-decode", "explicit-positions"])
+@pytest.mark.parametrize("window", [GEMMA_WINDOW, 8, 1])
+def test_paged_attention_window(gemma_pair, layout, window):
+    """Windowed attention; table entries before each window point at a block another sequence
+    uses, which a kernel that reads them would mix in."""
+    ref, be = gemma_pair
+    c, bs = ref.config, ref.block_size
+    rng = np.random.default_rng(17)
+    _fill_pools(ref, be, rng)
+    batch = _explicit_batch(rng, bs) if layout == "explicit-positions" else _batch(rng, layout, bs)
+    first = batch.positions[batch.query_start_loc[:-1]]
+    for s, p in enumerate(first):
+        dead = max(0, int(p) - window + 1) // bs
+        batch.block_tables[s, :dead] = batch.block_tables[(s + 1) % batch.num_seqs, 0]
+    nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q = rand(rng, batch.num_tokens, nh * hd)
+    scale = ref.model.scale
+    got = host(be, be.ops.paged_attention(0, dev(be, q), batch, nh, nkv, hd, scale, window=window))
+    want = ref.ops.paged_attention(0, q, batch, nh, nkv, hd, scale, window=window)
+    check(got, want, stored(be, F32_NMSE))
+
+
+def test_paged_attention_window_reference():
+    """The reference's window against a direct dense computation."""
+    rng = np.random.default_rng(18)
+    bs, n, hd, window = 4, 23, 8, 6
+    kv = rand(rng, 1, 2, 8, bs, 1, hd)
+    from ondevice.backends.numpy_backend import NumpyOps
+
+    ops = NumpyOps(kv, bs)
+    table = [5, 0, 7, 2, 3, 6]
+    batch = BatchInput.build([([1] * n, 0, table)], bs, logits_for="all")
+    q = rand(rng, n, hd)
+    got = ops.paged_attention(0, q, batch, 1, 1, hd, 0.5, window=window)
+    k = kv[0, 0, table].reshape(-1, hd)[:n]
+    v = kv[0, 1, table].reshape(-1, hd)[:n]
+    for t in range(n):
+        lo = max(0, t - window + 1)
+        sc = 0.5 * (k[lo:t + 1] @ q[t])
+        w = np.exp(sc - sc.max())
+        np.testing.assert_allclose(got[t], (w / w.sum()) @ v[lo:t + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_gemma_forward_past_the_window(gemma_pair):
+    """Whole Gemma forward passes: chunked prefill past the window next to another sequence,
+    then decode steps."""
+    ref, be = gemma_pair
+    bs, vocab = ref.block_size, ref.config.vocab_size
+    rng = np.random.default_rng(19)
+    a, b = rng.integers(0, vocab, 45).tolist(), rng.integers(0, vocab, 9).tolist()
+    ta, tb = _tables(rng, [60, 20], bs)
+    steps = [
+        [(a[:30], 0, ta), (b, 0, tb)],
+        [(a[30:], 30, ta), ([3], 9, tb)],
+        [([4], 45, ta), ([5], 10, tb)],
+        [([6], 46, ta)],
+    ]
+    for i, seqs in enumerate(steps):
+        batch = BatchInput.build(seqs, bs, logits_for="all" if i == 0 else "last")
+        got, want = be.forward(batch), ref.forward(batch)
+        assert got.dtype == np.float32 and got.shape == (len(batch.logits_indices), vocab)
+        check(got, want, stored(be, F32_NMSE))
 
 
 # -- the cpu backend's packed weights: every width and group size it keeps packed ------------

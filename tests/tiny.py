@@ -53,12 +53,32 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
+def tiny_gemma_config(**overrides) -> dict:
+    """A Gemma 3-shaped config in the Hugging Face layout: MQA with q/k norms, head_dim
+    larger than hidden / heads, local layers with a 32-token window around one global layer,
+    distinct RoPE bases per layer type."""
+    vocab = Tokenizer.from_str(tiny_tokenizer_json()).get_vocab_size()
+    cfg = {
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 32, "rms_norm_eps": 1e-6, "vocab_size": vocab,
+        "max_position_embeddings": 1024, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "sliding_window": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "hidden_activation": "gelu_pytorch_tanh", "bos_token_id": 1, "eos_token_id": 2,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
 def random_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
+    # Gemma checkpoints store norm weights w of a (1 + w) multiplier: small values around 0.
+    norm_base = 0.0 if config.get("model_type") == "gemma3_text" else 1.0
     for name, spec in weight_specs(ModelConfig.from_dict(config)).items():
         if spec.kind == "norm":
-            out[name] = (1 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
+            out[name] = (norm_base + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
         else:
             out[name] = (0.15 * rng.standard_normal(spec.shape)).astype(np.float32)
     return out

@@ -49,6 +49,7 @@ class WgpuOps(StepRecorder):
         self.max_positions = max_positions
         self._rope: dict[bytes, tuple[Any, Any, int]] = {}
         self._part_biases: dict[tuple[int, int], Any] = {}
+        self._held: list[GTensor] = []
 
     def subst(self, wtype: str, vec: int = 1) -> dict[str, str]:
         return element_subst(self.f16, wtype, vec)
@@ -179,7 +180,7 @@ class WgpuOps(StepRecorder):
                       (*grid(-(-n // 256)), 1))
 
     def paged_attention(self, layer: int, q: GTensor, batch: BatchInput, heads: int,
-                        kv_heads: int, head_dim: int, scale: float) -> GTensor:
+                        kv_heads: int, head_dim: int, scale: float, window: int = 0) -> GTensor:
         out = self.new(q.rows, q.cols)
         if q.rows == 0:
             return out
@@ -191,7 +192,7 @@ class WgpuOps(StepRecorder):
                                           "DPT": -(-head_dim // 64),
                                           "POOLS": kv.attention_code}
         params = (kv_heads, self.block_size, batch.block_tables.shape[1], batch.num_seqs,
-                  float(scale), kv.blocks_per_part)
+                  float(scale), kv.blocks_per_part, int(window))
         self.dispatch("paged_attention", subst, None, params,
                       [q.buf, *self.attention_inputs(batch), out.buf,
                        *kv.layer_buffers(layer)], (q.rows, kv_heads, 1))
@@ -212,6 +213,36 @@ class WgpuOps(StepRecorder):
 
     def add(self, a: GTensor, b: GTensor) -> GTensor:
         return self._elementwise("add", a, b)
+
+    def gelu_tanh_mul(self, gate: GTensor, up: GTensor) -> GTensor:
+        return self._elementwise("gelu_tanh_mul", gate, up)
+
+    def head_rms_norm(self, x: GTensor, weight: Any, eps: float, heads: int,
+                      head_dim: int) -> GTensor:
+        # rms_norm.wgsl over [T * heads, head_dim] rows: the same buffers, another row view.
+        out = self.new(x.rows, x.cols)
+        if x.rows:
+            rows = x.rows * heads
+            self.dispatch("rms_norm", None, None, (rows, head_dim, float(eps)),
+                          [x.buf, weight, out.buf], (rows, 1, 1))
+            # Held until the step is submitted: with the input's buffer back in the pool at
+            # once, lavapipe gave wrong keys in multi-row decode steps of Gemma 3 (reproduced,
+            # cause not found; holding it costs one small buffer per layer and step).
+            self._held.append(x)
+        return out
+
+    def flush(self, reads=()):
+        out = super().flush(reads)
+        self._held.clear()
+        return out
+
+    def scale(self, x: GTensor, factor: float) -> GTensor:
+        out = self.new(x.rows, x.cols)
+        n = x.rows * x.cols
+        if n:
+            self.dispatch("scale", None, None, (n, float(factor)), [x.buf, out.buf],
+                          (*grid(-(-n // 256)), 1))
+        return out
 
     def take_rows(self, x: GTensor, rows: np.ndarray) -> GTensor:
         rows = np.asarray(rows)

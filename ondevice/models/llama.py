@@ -18,14 +18,9 @@ import numpy as np
 from ..batch import BatchInput
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from .common import TensorSpec
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One logical weight: its dense shape and role ("embedding", "linear", "norm", "bias")."""
-
-    shape: tuple[int, ...]
-    kind: str
+__all__ = ["TensorSpec", "LlamaModel", "check_layer_count", "rope_inv_freq", "weight_specs"]
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d{1,9})\.")
@@ -46,7 +41,15 @@ def check_layer_count(config: ModelConfig, names: Iterable[str], source: object 
 
 
 def weight_specs(config: ModelConfig) -> dict[str, TensorSpec]:
-    """Every tensor a checkpoint of ``config`` must hold, by Hugging Face name, dense shape."""
+    """Every tensor a checkpoint of ``config`` must hold, by Hugging Face name, dense shape.
+
+    Answers for every supported family (callers across the code import it from here), so a
+    Gemma 3 config gets :func:`ondevice.models.gemma3.weight_specs`.
+    """
+    if config.is_gemma3:
+        from .gemma3 import weight_specs as gemma3_specs  # a cycle at import time otherwise
+
+        return gemma3_specs(config)
     c = config
     hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     specs = {"model.embed_tokens.weight": TensorSpec((c.vocab_size, c.hidden_size), "embedding")}
