@@ -48,6 +48,9 @@ F32 = np.float32
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 JIT = dict(cache=True, fastmath=FAST, nogil=True)
 PAR = dict(JIT, parallel=True)
+# Small helpers of the hot loops are inlined in numba's IR, so LLVM sees one loop nest
+# (called as functions, the two-row dot ran 3x slower).
+INLINE = dict(JIT, inline="always")
 
 # float16 / bfloat16 bit patterns -> float32, exact (bfloat16 is the top half of a float32).
 F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(F32)
@@ -92,7 +95,7 @@ def _prepare_x(x, g):
 # Inner loops index row slices from 0: numba then emits no negative-index wraparound and LLVM
 # sees contiguous loads (with ``w[n, b0 + i]`` it gathers lane by lane, 6x slower here), and
 # codes are widened to int32, not numba's default int64, so a vector holds 16 of them.
-@njit(**JIT)
+@njit(**INLINE)
 def _dot4(wr, xe, xo):
     a = F32(0)
     for i in range(wr.shape[0]):
@@ -101,7 +104,7 @@ def _dot4(wr, xe, xo):
     return a
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def _dot8(wr, xr):
     a = F32(0)
     for i in range(wr.shape[0]):
@@ -109,7 +112,7 @@ def _dot8(wr, xr):
     return a
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def _dot_high(hr, xr, bits):
     """sum_j 16 * high_j * x_j over one group: the part of 5/6-bit codes above 4 bits."""
     a = F32(0)
@@ -122,34 +125,97 @@ def _dot_high(hr, xr, bits):
     return F32(16) * a
 
 
+@njit(**INLINE)
+def _dot4x2(w0, w1, xe, xo):
+    """``_dot4`` for two weight rows at once: each activation load feeds both (1.5x faster
+    than one row at a time here; four rows at a time was slower again at groups of 32)."""
+    a = F32(0)
+    b = F32(0)
+    for i in range(w0.shape[0]):
+        c0 = np.int32(w0[i])
+        c1 = np.int32(w1[i])
+        e = xe[i]
+        o = xo[i]
+        a += F32(np.int32(c0 & 15)) * e + F32(np.int32(c0 >> 4)) * o
+        b += F32(np.int32(c1 & 15)) * e + F32(np.int32(c1 >> 4)) * o
+    return a, b
+
+
+@njit(**INLINE)
+def _dot8x2(w0, w1, xr):
+    a = F32(0)
+    b = F32(0)
+    for i in range(w0.shape[0]):
+        e = xr[i]
+        a += F32(w0[i]) * e
+        b += F32(w1[i]) * e
+    return a, b
+
+
+@njit(**INLINE)
+def _group_dot(w, hi, n, xd, x, t, g, bits, gi):
+    """sum_j q_j x_j over group ``gi`` of weight row ``n`` (codes only)."""
+    k0 = gi * g
+    half = g // 2
+    if bits == 8:
+        return _dot8(w[n, k0:k0 + g], x[t, k0:k0 + g])
+    a = _dot4(w[n, k0 // 2:k0 // 2 + half], xd[t, k0:k0 + half], xd[t, k0 + half:k0 + g])
+    if bits != 4:
+        hb = g * (bits - 4) // 8  # bytes of high bits per group
+        a += _dot_high(hi[n, gi * hb:gi * hb + hb], x[t, k0:k0 + g], bits)
+    return a
+
+
+@njit(**INLINE)
+def _group_dot2(w, hi, n, xd, x, t, g, bits, gi):
+    """``_group_dot`` for rows ``n`` and ``n + 1``."""
+    k0 = gi * g
+    half = g // 2
+    if bits == 8:
+        return _dot8x2(w[n, k0:k0 + g], w[n + 1, k0:k0 + g], x[t, k0:k0 + g])
+    b0 = k0 // 2
+    a, b = _dot4x2(w[n, b0:b0 + half], w[n + 1, b0:b0 + half], xd[t, k0:k0 + half],
+                   xd[t, k0 + half:k0 + g])
+    if bits != 4:
+        hb = g * (bits - 4) // 8
+        a += _dot_high(hi[n, gi * hb:gi * hb + hb], x[t, k0:k0 + g], bits)
+        b += _dot_high(hi[n + 1, gi * hb:gi * hb + hb], x[t, k0:k0 + g], bits)
+    return a, b
+
+
 @njit(**PAR)
 def qgemv(x, w, hi, scales, biases, table, g, bits, y):
     """``y[t, n] = sum_j W[n, j] x[t, j]`` for a few rows ``t`` (decode), W packed.
 
-    Rows of W are split over threads; each weight row is read once and dotted with every
-    row of ``x`` while it is in L1.
+    Pairs of W rows are split over threads; each weight row is read once and dotted with
+    every row of ``x`` while it is in L1.
     """
     t_rows, k = x.shape
     n_rows = w.shape[0]
     ng = k // g
-    half = g // 2
-    hb = g * (bits - 4) // 8  # bytes of high bits per group (5/6 bits)
     xd, xs = _prepare_x(x, g)
-    for n in prange(n_rows):
+    for n2 in prange((n_rows + 1) // 2):
+        n = 2 * n2
         for t in range(t_rows):
-            acc = F32(0)
-            for gi in range(ng):
-                k0 = gi * g
-                if bits == 8:
-                    a = _dot8(w[n, k0:k0 + g], x[t, k0:k0 + g])
-                else:
-                    a = _dot4(w[n, k0 // 2:k0 // 2 + half], xd[t, k0:k0 + half],
-                              xd[t, k0 + half:k0 + g])
-                    if bits != 4:
-                        a += _dot_high(hi[n, gi * hb:gi * hb + hb], x[t, k0:k0 + g], bits)
-                acc += (_to_f32(scales[n, gi], table) * a
-                        + _to_f32(biases[n, gi], table) * xs[t, gi])
-            y[t, n] = acc
+            if n + 1 < n_rows:
+                acc0 = F32(0)
+                acc1 = F32(0)
+                for gi in range(ng):
+                    a, b = _group_dot2(w, hi, n, xd, x, t, g, bits, gi)
+                    xsg = xs[t, gi]
+                    acc0 += (_to_f32(scales[n, gi], table) * a
+                             + _to_f32(biases[n, gi], table) * xsg)
+                    acc1 += (_to_f32(scales[n + 1, gi], table) * b
+                             + _to_f32(biases[n + 1, gi], table) * xsg)
+                y[t, n] = acc0
+                y[t, n + 1] = acc1
+            else:
+                acc = F32(0)
+                for gi in range(ng):
+                    a = _group_dot(w, hi, n, xd, x, t, g, bits, gi)
+                    acc += (_to_f32(scales[n, gi], table) * a
+                            + _to_f32(biases[n, gi], table) * xs[t, gi])
+                y[t, n] = acc
 
 
 @njit(**JIT)
