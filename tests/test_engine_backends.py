@@ -1,13 +1,18 @@
 """The engine's guarantees (tests/test_engine.py, on NumPy) on every other backend that runs
 here, at float32: batched = alone, preemption gives identical results, prefix caching hits with
 the same tokens, and n > 1 samples (fork, copy-on-write) equal to NumPy's. A backend that should
-run and does not is caught by tests/test_backends.py (ONDEVICE_REQUIRE_BACKENDS)."""
+run and does not is caught by tests/test_backends.py (ONDEVICE_REQUIRE_BACKENDS).
+
+Each runs on the tiny Llama and on a tiny Gemma 3-shaped model whose local layers have a
+window of 2.5 blocks (20 tokens, block size 8), so that prompts and generations run well past
+the window; NumPy takes part for the Gemma model (test_engine.py covers it for the Llama)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from test_engine import GREEDY, mixed_prompts, run_all
+from tiny import tiny_gemma_config, write_model
 
 from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
@@ -18,18 +23,24 @@ from ondevice.settings import backend_options
 
 # Constructor keywords per backend: float32 arithmetic, MLX on its CPU device.
 FLOAT32 = {"mlx": {"device": "cpu", "dtype": "float32"}, "wgpu": {"dtype": "float32"},
-           "cpu": {}}
+           "cpu": {}, "numpy": {}}
 BACKENDS = [name for name, (ok, _) in available_backends().items() if ok and name in FLOAT32]
+GEMMA_WINDOW = 20  # 2.5 blocks of 8
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return ModelDir(tiny_model_dir)
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def model_dir(request, tiny_model_dir, tmp_path_factory):
+    if request.param == "llama":
+        return ModelDir(tiny_model_dir)
+    path = tmp_path_factory.mktemp("gemma3") / "model"
+    return ModelDir(write_model(path, tiny_gemma_config(sliding_window=GEMMA_WINDOW)))
 
 
 @pytest.fixture(params=BACKENDS)
 def make_engine(request, model_dir):
     name = request.param
+    if name == "numpy" and not model_dir.config.is_gemma3:
+        pytest.skip("the Llama on NumPy is tests/test_engine.py")
 
     def make(num_blocks=512, block_size=8, caching=True) -> Engine:
         backend = backend_class(name)(model_dir, num_blocks=num_blocks, block_size=block_size,

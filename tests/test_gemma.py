@@ -1,5 +1,5 @@
 """Gemma 3: the real 270M model (its Q4_K_M GGUF dequantized to float32) against the golden
-file on every float32 backend, its GGUF import (config, norms, tokenizer), and config checks.
+file on every float32 backend (numpy, cpu, mlx on its CPU device, wgpu), its GGUF import (config, norms, tokenizer), and config checks.
 
 Golden: prompt ids exact (BOS added), 32 greedy tokens (eos ignored) identical, top-5 logits of
 the prompt's last position within 1e-3. One prompt (822 tokens) runs past the 512-token window
@@ -26,6 +26,7 @@ from ondevice.sampling import SamplingParams
 GOLDEN = Path(__file__).resolve().parent / "data" / "gemma3_270m_greedy.json"
 FLOAT32 = {
     "numpy": None,
+    "cpu": None,
     "mlx": lambda: ondevice.MlxOptions(device="cpu", dtype="float32"),
     "wgpu": lambda: ondevice.WgpuOptions(dtype="float32"),
 }
