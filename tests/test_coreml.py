@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from realmodel import require_real_model
-from tiny import tiny_config, write_model
+from tiny import tiny_config, tiny_gemma_config, write_model
 
 from ondevice.apps.cli import cli
 from ondevice.backends.numpy_backend import NumpyOps, _Linear
@@ -138,9 +138,10 @@ def _case_rope(tmp):
     return prog, [{"x": x, "positions": pos}], [ref]
 
 
-def _case_attention(tmp):
+def _case_attention(tmp, window: int = 0):
     """write_kv + paged_attention over two steps (4-token prefill, then 1 decode) through a
-    shuffled block table; the reference is NumpyOps on a float32 pool."""
+    shuffled block table; the reference is NumpyOps on a float32 pool. ``window``: Gemma 3's
+    local-layer attention (keys p-window+1..p)."""
     sym = get_new_symbol()
     pool = (2, NB * BS, KVH * HD)
 
@@ -148,7 +149,7 @@ def _case_attention(tmp):
         ops = _ops(key_cache, value_cache)
         batch = SymbolicBatch(None, positions, slot_mapping, block_table, seq_len, None)
         ops.write_kv(1, k, v, slot_mapping)
-        return ops.paged_attention(1, q, batch, HEADS, KVH, HD, 0.25)
+        return ops.paged_attention(1, q, batch, HEADS, KVH, HD, 0.25, window=window)
 
     prog = mb.program(input_specs=[
         mb.TensorSpec((sym, HEADS * HD), dtype=types.fp16),
@@ -172,8 +173,41 @@ def _case_attention(tmp):
                       "slot_mapping": b.slot_mapping, "block_table": table,
                       "seq_len": b.seq_lens})
         ref_ops.write_kv(1, k, v, b.slot_mapping)
-        refs.append(ref_ops.paged_attention(1, q, b, HEADS, KVH, HD, 0.25))
+        refs.append(ref_ops.paged_attention(1, q, b, HEADS, KVH, HD, 0.25, window=window))
     return prog, feeds, refs, kv
+
+
+def _case_gelu_tanh_mul(tmp):
+    g, u = _f16((T, H), 4.0), _f16((T, H))
+
+    def main(g, u):
+        return _ops().gelu_tanh_mul(g, u)
+
+    prog = mb.program(input_specs=[mb.TensorSpec((T, H), dtype=types.fp16) for _ in range(2)],
+                      opset_version=ct.target.iOS18)(main)
+    return prog, [{"g": g, "u": u}], [NP.gelu_tanh_mul(g, u)]
+
+
+def _case_head_rms_norm(tmp):
+    x, w = _f16((T, HEADS * HD), 3.0), (1 + 0.1 * RNG.standard_normal(HD)).astype(F32)
+
+    def main(x):
+        return _ops().head_rms_norm(x, mb.const(val=w), 1e-6, HEADS, HD)
+
+    prog = mb.program(input_specs=[mb.TensorSpec((T, HEADS * HD), dtype=types.fp16)],
+                      opset_version=ct.target.iOS18)(main)
+    return prog, [{"x": x}], [NP.head_rms_norm(x, w, 1e-6, HEADS, HD)]
+
+
+def _case_scale(tmp):
+    x = _f16((T, H))
+
+    def main(x):
+        return _ops().scale(x, 25.298221)
+
+    prog = mb.program(input_specs=[mb.TensorSpec((T, H), dtype=types.fp16)],
+                      opset_version=ct.target.iOS18)(main)
+    return prog, [{"x": x}], [NP.scale(x, 25.298221)]
 
 
 def _case_silu_mul(tmp):
@@ -224,6 +258,10 @@ OP_CASES = {
     "rope": _case_rope,
     "write_kv+paged_attention": _case_attention,
     "silu_mul": _case_silu_mul,
+    "write_kv+paged_attention(window=3)": lambda tmp: _case_attention(tmp, window=3),
+    "gelu_tanh_mul": _case_gelu_tanh_mul,
+    "head_rms_norm": _case_head_rms_norm,
+    "scale": _case_scale,
     "add": _case_add,
     "take_rows+logits": _case_take_rows_logits,
 }
@@ -370,6 +408,16 @@ def test_tiny_f16_export_reproduces_numpy_backend(tiny_exports):
     assert report.max_abs_kv_error < 0.05
     assert len(report.reference_tokens) == 9 and len(report.steps) == 10
     assert len(report.block_table) == 2 and report.block_table != [0, 1]
+
+
+def test_tiny_gemma_f16_export_reproduces_numpy_past_the_window(tmp_path):
+    """A Gemma 3-shaped model (q/k norms, GELU-tanh, two RoPE bases, a 20-token window):
+    prompt and decode run well past the window, greedy tokens identical to NumPy's."""
+    src = write_model(tmp_path / "gemma", tiny_gemma_config(sliding_window=20))
+    pkg = export_coreml(src, tmp_path / "gemma.mlpackage", quantize="f16", max_context=64,
+                        block_size=16, num_blocks=8, progress=False)
+    report = verify_coreml(pkg, src, steps=24, prompt_tokens=30)
+    assert report.greedy_identical and report.passed, report.to_dict()
 
 
 def test_tiny_int4_export_reports_its_error(tiny_exports):

@@ -13,6 +13,7 @@ Only the operations listed in :data:`OPS` are known: anything else raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,15 @@ def _expand_dims(x, axes, **_):
     return out
 
 
+def _gelu(x, mode="EXACT", **_):
+    mode = _scalar(mode)
+    if mode != "TANH_APPROXIMATION":
+        raise NotImplementedError(f"gelu mode {mode!r}")
+    x32 = np.asarray(x, F32)
+    inner = F32(math.sqrt(2 / math.pi)) * (x32 + F32(0.044715) * x32 * x32 * x32)
+    return F32(0.5) * x32 * (F32(1) + np.tanh(inner))
+
+
 OPS: dict[str, Callable[..., Any]] = {
     "add": lambda x, y, **_: x + y,
     "sub": lambda x, y, **_: x - y,
@@ -211,6 +221,8 @@ OPS: dict[str, Callable[..., Any]] = {
     "sin": lambda x, **_: np.sin(x),
     "rsqrt": lambda x, epsilon=1e-12, **_: 1 / np.sqrt(x + F32(_scalar(epsilon))),
     "silu": _silu,
+    "gelu": _gelu,
+    "logical_and": lambda x, y, **_: np.logical_and(x, y),
     "softmax": _softmax,
     "reduce_mean": _reduce_mean,
     "cast": _cast,

@@ -93,7 +93,7 @@ class MilOps:
         self.key_state, self.value_state = key_state, value_state
         self.block_size, self.max_context = block_size, max_context
         self._on_layer = on_layer
-        self._rope: tuple[Any, Any] | None = None
+        self._rope: dict[int, tuple[np.ndarray, Any, Any]] = {}  # per RoPE base
         self._context: dict[str, Any] | None = None
         self._kv: dict[int, tuple[Any, Any]] = {}
         self._cache: list[Any] | None = None  # the latest value of each state
@@ -115,6 +115,19 @@ class MilOps:
             self._context = {"slots": slots, "allowed": allowed, "valid": valid}
         return self._context
 
+    def _allowed(self, batch: SymbolicBatch, window: int) -> Any:
+        """The causal mask, and for a window w also keys > p - w (Gemma 3's local layers)."""
+        ctx = self._context_vars(batch)
+        if not window:
+            return ctx["allowed"]
+        key = f"allowed_{window}"
+        if key not in ctx:
+            mb = self.mb
+            keys = np.arange(self.max_context, dtype=np.int32)
+            first = mb.sub(x=mb.expand_dims(x=batch.positions, axes=[1]), y=np.int32(window))
+            ctx[key] = mb.logical_and(x=ctx["allowed"], y=mb.greater(x=keys[None, :], y=first))
+        return ctx[key]
+
     # -- the Ops protocol --------------------------------------------------------------------
     def embedding(self, table: Any, ids: Any) -> Any:
         return self.mb.gather(x=table, indices=ids, axis=0)
@@ -134,14 +147,15 @@ class MilOps:
     def rope(self, x: Any, positions: Any, inv_freq: np.ndarray, heads: int,
              head_dim: int) -> Any:
         mb, half = self.mb, head_dim // 2
-        if self._rope is None:  # the same angles for q and k of every layer
+        hit = self._rope.get(id(inv_freq))
+        if hit is None or hit[0] is not inv_freq:  # the same angles for q and k of every layer
             pos = mb.expand_dims(x=mb.cast(x=positions, dtype="fp32"), axes=[1])  # [T, 1]
             angles = mb.mul(x=pos, y=inv_freq.astype(np.float32)[None, :])  # [T, hd/2]
-            self._rope = tuple(
+            hit = self._rope[id(inv_freq)] = (inv_freq, *(
                 mb.expand_dims(x=mb.cast(x=f(x=angles), dtype="fp16"), axes=[1])
                 for f in (mb.cos, mb.sin)
-            )  # [T, 1, hd/2] each
-        cos, sin = self._rope
+            ))  # [T, 1, hd/2] each
+        _, cos, sin = hit
         x = mb.reshape(x=x, shape=[-1, heads, head_dim])
         x1 = mb.slice_by_index(x=x, begin=[0, 0, 0], end=[0, 0, half],
                                end_mask=[True, True, False])
@@ -168,7 +182,7 @@ class MilOps:
         self._kv[layer] = (self._cache[0], self._cache[1])
 
     def paged_attention(self, layer: int, q: Any, batch: SymbolicBatch, heads: int,
-                        kv_heads: int, head_dim: int, scale: float) -> Any:
+                        kv_heads: int, head_dim: int, scale: float, window: int = 0) -> Any:
         mb, c, g = self.mb, self.max_context, heads // kv_heads
         ctx = self._context_vars(batch)
         index = mb.concat(values=[np.full((c, 1), layer, np.int32), ctx["slots"]], axis=1)
@@ -183,7 +197,8 @@ class MilOps:
         q = mb.reshape(x=mb.mul(x=q, y=np.float16(scale)), shape=[-1, kv_heads, g, head_dim])
         q = mb.transpose(x=q, perm=[1, 2, 0, 3])  # [kvh, g, T, hd]
         scores = mb.matmul(x=q, y=k, transpose_y=True)  # [kvh, g, T, C]
-        scores = mb.select(cond=ctx["allowed"], a=scores, b=np.float16(MASK_VALUE))
+        scores = mb.select(cond=self._allowed(batch, window), a=scores,
+                           b=np.float16(MASK_VALUE))
         out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v)  # [kvh, g, T, hd]
         out = mb.transpose(x=out, perm=[2, 0, 1, 3])  # [T, kvh, g, hd]
         if self._on_layer is not None:
@@ -192,6 +207,16 @@ class MilOps:
 
     def silu_mul(self, gate: Any, up: Any) -> Any:
         return self.mb.mul(x=self.mb.silu(x=gate), y=up)
+
+    def gelu_tanh_mul(self, gate: Any, up: Any) -> Any:
+        return self.mb.mul(x=self.mb.gelu(x=gate, mode="TANH_APPROXIMATION"), y=up)
+
+    def head_rms_norm(self, x: Any, weight: Any, eps: float, heads: int, head_dim: int) -> Any:
+        y = self.rms_norm(self.mb.reshape(x=x, shape=[-1, heads, head_dim]), weight, eps)
+        return self.mb.reshape(x=y, shape=[-1, heads * head_dim])
+
+    def scale(self, x: Any, factor: float) -> Any:
+        return self.mb.mul(x=x, y=np.float16(factor))
 
     def add(self, a: Any, b: Any) -> Any:
         return self.mb.add(x=a, y=b)
