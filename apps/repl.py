@@ -11,16 +11,19 @@ from ..api import Chunk
 from ..chat import ChatSession
 from ..constraints import Constraint, ConstraintError, constraint_from_options
 from ..errors import OndeviceError
+from .chat_ui import make_reader, stats_table, unwrap_block
 
 HELP = """commands:
   /help          this help
   /reset         forget the conversation (keeps the system prompt)
   /system TEXT   set the system prompt (and reset)
-  /stats         tokens, speed and KV cache use
+  /stats         this reply's speed and time to first token, session totals, KV cache
   /json [@FILE] TEXT
                  one reply as JSON: any object, or matching the JSON schema in FILE
   /quit          leave (Ctrl-D works too)
-Ctrl-C stops the current reply."""
+Ctrl-C stops the current reply. A pasted block of lines is one message; to type several
+lines, put them between \"\"\" lines (or press Alt+Enter for a new line). Up/Down recall
+earlier messages, from this and earlier sessions."""
 
 
 def _json_turn(text: str) -> tuple[Constraint, str]:
@@ -48,22 +51,19 @@ def _structured(session: ChatSession, text: str, constraint: Constraint) -> Iter
 
 
 def run_repl(session: ChatSession) -> None:
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
+    read = make_reader()  # prompt_toolkit: bracketed paste, """ blocks, saved history
     click.echo(f"ondevice chat with {session.model.path.name} on {session.model.backend} "
                "(/help for commands)", err=True)
     while True:
         try:
-            line = input(">>> ")
+            line = read()
         except EOFError:
             click.echo()
             return
         except KeyboardInterrupt:
             click.echo("\n(/quit or Ctrl-D to leave)")
             continue
-        text = line.strip()
+        text = unwrap_block(line).strip()  # a pasted or """ block is one message
         if not text:
             continue
         once = None  # a constraint for this turn only (/json)
@@ -87,8 +87,7 @@ def run_repl(session: ChatSession) -> None:
                 session.reset()
                 click.echo("(system prompt set; conversation cleared)")
             elif cmd == "/stats":
-                for key, value in session.stats().items():
-                    click.echo(f"  {key}: {value}")
+                click.echo(stats_table(session.stats()))
             else:
                 click.echo(f"unknown command {cmd} (/help lists them)")
             continue

@@ -13,13 +13,27 @@ from .sampling import SamplingParams
 
 @dataclass
 class TurnStats:
+    """Figures of one reply: token counts, wall time, speeds and time to first token."""
+
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
     cached_prompt_tokens: int = 0
-    prefill_tps: float = 0.0
-    decode_tps: float = 0.0
+    prefill_tps: float = 0.0  # prompt tokens computed (not reused from the cache) per second
+    decode_tps: float = 0.0  # tokens per second after the first
+    ttft_seconds: float = 0.0  # from sending the prompt to the first token
     dropped_messages: int = 0
+
+
+@dataclass
+class SessionTotals:
+    """Sums over every reply of a session (kept across /reset)."""
+
+    replies: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
 
 
 @dataclass
@@ -36,6 +50,7 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
     last: TurnStats = field(default_factory=TurnStats)
     total_generated: int = 0
+    totals: SessionTotals = field(default_factory=SessionTotals)
 
     def prefix_ids(self) -> list[int]:
         """Tokens every turn's prompt starts with: the system part of the chat template (the
@@ -99,7 +114,14 @@ class ChatSession:
             self.last.seconds = time.perf_counter() - t0
             self.last.prefill_tps = timings.prefill_tps
             self.last.decode_tps = timings.decode_tps
+            self.last.ttft_seconds = timings.prefill_seconds
             self.total_generated += timings.generated_tokens
+            t = self.totals
+            t.replies += 1
+            t.prompt_tokens += self.last.prompt_tokens
+            t.cached_prompt_tokens += timings.cached_prompt_tokens
+            t.generated_tokens += timings.generated_tokens
+            t.seconds += self.last.seconds
 
     def stats(self) -> dict[str, object]:
         return {
@@ -112,6 +134,10 @@ class ChatSession:
             "last_generated_tokens": self.last.generated_tokens,
             "prefill_tok_per_s": round(self.last.prefill_tps, 1),
             "decode_tok_per_s": round(self.last.decode_tps, 1),
+            "last_ttft_s": round(self.last.ttft_seconds, 3),
             "total_generated_tokens": self.total_generated,
+            "total_prompt_tokens": self.totals.prompt_tokens,
+            "total_cached_prompt_tokens": self.totals.cached_prompt_tokens,
+            "replies": self.totals.replies,
             **self.model.stats(),
         }

@@ -52,3 +52,17 @@ def test_stats_keys(small_model):
     st = s.stats()
     assert st["kv_blocks_total"] == 6 and st["kv_blocks_free"] == 6
     assert st["last_generated_tokens"] == 2
+
+
+def test_session_totals_and_time_to_first_token(small_model):
+    s = ChatSession(small_model, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    list(s.send("hi"))
+    first_prompt = s.last.prompt_tokens
+    list(s.send("again"))
+    st = s.stats()
+    assert st["replies"] == 2 and s.totals.replies == 2
+    assert st["total_prompt_tokens"] == first_prompt + s.last.prompt_tokens
+    assert st["total_generated_tokens"] == 4
+    assert 0 < s.last.ttft_seconds <= s.last.seconds and st["last_ttft_s"] >= 0
+    s.reset()  # totals are the session's, not the conversation's
+    assert s.stats()["replies"] == 2

@@ -1,13 +1,9 @@
-"""The CLI through click's runner and as a real subprocess (pipes and a pseudo-terminal)."""
+"""The CLI through click's runner and as a real subprocess (pipes; the terminal REPL is in
+test_repl.py)."""
 
-import contextlib
 import json
-import os
-import pty
-import select
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -88,63 +84,6 @@ def test_subprocess_generate_and_piped_chat(tiny_model_dir):
     assert p.returncode == 0, p.stderr
 
 
-def _read_until(fd, marker: bytes, timeout=60.0) -> bytes:
-    buf = b""
-    end = time.monotonic() + timeout
-    while marker not in buf:
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {marker!r}; got {buf[-500:]!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
-
-
-@contextlib.contextmanager
-def _repl(args: list[str]):
-    """The real CLI on a pseudo-terminal; yields its fd, kills it if still running."""
-    pid, fd = pty.fork()
-    if pid == 0:  # child
-        os.execv(sys.executable, CLI + args)
-    try:
-        yield pid, fd
-    finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
-
-
-def _quit(pid: int, fd: int) -> None:
-    os.write(fd, b"/quit\n")
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
-def test_interactive_repl_in_a_terminal(tiny_model_dir):
-    with _repl(["chat", "-m", str(tiny_model_dir), "-n", "4", "--system", "be brief"]) as (pid, fd):
-        _read_until(fd, b">>> ")
-        os.write(fd, b"/help\n")
-        assert b"/reset" in _read_until(fd, b">>> ")
-        os.write(fd, b"Hello\n")
-        _read_until(fd, b">>> ")
-        os.write(fd, b"/stats\n")
-        out = _read_until(fd, b">>> ")
-        assert b"kv_blocks_total" in out and b"messages: 2" in out
-        os.write(fd, b"/reset\n")
-        assert b"cleared" in _read_until(fd, b">>> ")
-        _quit(pid, fd)
-
-
 def test_convert_cli_errors_and_force(tmp_path):
     from gguf_fixtures import write_gguf
 
@@ -198,18 +137,3 @@ def test_chat_prompt_cache_saved_then_loaded(tiny_model_dir, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "loaded" in second.stderr
     assert second.stdout == first.stdout
-
-
-def test_ctrl_c_stops_the_reply_not_the_program(tiny_model_dir):
-    with _repl(["chat", "-m", str(tiny_model_dir), "-n", "900", "--temperature", "0"]) as (pid, fd):
-        _read_until(fd, b">>> ")
-        os.write(fd, b"Tell me a long story\n")
-        _read_until(fd, b"story\r\n")
-        os.read(fd, 1)  # the reply has started streaming
-        os.write(fd, b"\x03")  # Ctrl-C
-        out = _read_until(fd, b">>> ")
-        assert b"(stopped)" in out
-        os.write(fd, b"/stats\n")
-        out = _read_until(fd, b">>> ")
-        assert b"kv_blocks_used: 0" in out and b"running: 0" in out
-        _quit(pid, fd)
