@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..backends import KNOWN as KNOWN_BACKENDS
 from ..bench.common import BenchError, parse_list, parse_quantize
 
 
@@ -33,8 +34,8 @@ def _write_json(report: dict, out: str) -> None:
               help="Model name (`ondevice list`; pulled on first use), directory or .gguf "
                    "file [default: SmolLM2-135M-Instruct].")
 @click.option("--backend", "-b", "backends", multiple=True,
-              help="Backend(s) to measure, repeatable or comma-separated [default: every "
-                   "available one].")
+              help="Backend(s) to measure, repeatable or comma-separated, among "
+                   f"{', '.join(KNOWN_BACKENDS)} [default: every available one].")
 @click.option("--quantize", "-q", "quantize", multiple=True,
               help="Storage formats among f32,f16,q8,q4 [default: f32,q4].")
 @click.option("--concurrency", default="1,4,16", show_default=True,
@@ -94,7 +95,8 @@ def bench(model, backends, quantize, concurrency, prompt_tokens, gen_tokens, rep
               help="Model name (`ondevice list`; pulled on first use), directory or .gguf "
                    "file [default: SmolLM2-135M-Instruct].")
 @click.option("--backend", "-b", "backends", multiple=True,
-              help="Candidate backend(s), repeatable or comma-separated.")
+              help="Candidate backend(s), repeatable or comma-separated, among "
+                   f"{', '.join(KNOWN_BACKENDS)}.")
 @click.option("--quantize", "-q", "quantize", multiple=True,
               help="Candidate storage formats among f32,f16,q8,q4 [default: f32].")
 @click.option("--candidate", "candidates", multiple=True, metavar="BACKEND-QUANT",

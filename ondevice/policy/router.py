@@ -174,6 +174,12 @@ class RoutedModel:
         if self._cloud is not None:
             self._cloud.close()
 
+    def __enter__(self) -> RoutedModel:  # like Model: ``with ondevice.load(policy=...) as m``
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def load_local(self) -> Model:
         """The local model, loaded on first use on the backend the policy picks for it."""
         with self._lock:
