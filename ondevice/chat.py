@@ -42,6 +42,10 @@ class ChatSession:
 
     When a conversation outgrows the context, the oldest turns are dropped (never the system
     prompt) and ``last.dropped_messages`` says how many.
+
+    A base model (no chat template, e.g. Gemma 3 270M) is not chatted with: the conversation
+    is one raw text (system prompt, then every message and reply as written) that the model
+    continues; see :attr:`base_model`.
     """
 
     model: Model
@@ -67,7 +71,16 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + list(self.messages if messages is None else messages)
 
+    @property
+    def base_model(self) -> bool:
+        """The model has no chat template: each turn completes the raw text so far."""
+        return self.model.tokenizer.chat_template is None
+
     def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.base_model:
+            head = f"{self.system}\n" if self.system else ""
+            text = head + "".join(m["content"] for m in messages)
+            return self.model.tokenizer.encode(text, add_special_tokens=True)
         return self.model.tokenizer.encode_chat(self._messages(messages),
                                                 add_generation_prompt=True)
 

