@@ -91,6 +91,10 @@ def test_sampling_errors_name_the_flag_on_the_command_line_and_the_keyword_in_th
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 1 and f"Error: {flag} must be" in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run(CLI + ["generate", "-m", str(tiny_model_dir), "-p", "x", "--kv-memory",
+                              "lots"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "'--kv-memory': cannot read memory size 'lots'" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
     with ondevice.load(tiny_model_dir, "numpy", kv_memory="4MiB") as m:
         with pytest.raises(SamplingError, match=r"^top_p must be") as info:
             m.generate("x", top_p=0)
