@@ -46,11 +46,15 @@ def history_path() -> Path:
 def make_reader() -> Callable[[], str]:
     """A function that reads one message (raises EOFError on Ctrl-D, KeyboardInterrupt on
     Ctrl-C, like ``input()``). prompt_toolkit when it can drive this terminal, else
-    ``input()`` with readline."""
-    try:
-        return _prompt_toolkit_reader()
-    except Exception as err:  # no usable terminal for prompt_toolkit (e.g. an odd TERM)
-        log.info("line editor unavailable (%s); using plain input()", err)
+    ``input()`` with readline (also when the replies go to a file or a pipe: the editor
+    draws on stdout)."""
+    import sys
+
+    if sys.stdout.isatty():
+        try:
+            return _prompt_toolkit_reader()
+        except Exception as err:  # no usable terminal for prompt_toolkit (e.g. an odd TERM)
+            log.info("line editor unavailable (%s); using plain input()", err)
     try:
         import readline  # noqa: F401  (line editing for input())
     except ImportError:

@@ -230,3 +230,29 @@ def test_ctrl_c_stops_the_reply_not_the_program(tiny_model_dir, home):
         assert stats["KV cache/requests"].startswith("0 running"), stats
         assert stats["session/replies"] == "1"
         _quit(pid, term)
+
+
+def test_replies_to_a_file_from_a_terminal_use_plain_input(tiny_model_dir, home, tmp_path):
+    """stdin a terminal, stdout a file: no line editor drawing into the file, and a \"\"\" block
+    still works with plain input()."""
+    out_path = tmp_path / "replies.txt"
+    env = dict(os.environ, ONDEVICE_HOME=str(home), TERM="xterm")
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.execve(sys.executable, CLI + ["chat", "-m", str(tiny_model_dir), "-b", "numpy",
+                                         "-n", "3", "--temperature", "0"], env)
+    term = Terminal(fd)
+    try:
+        term.expect(b"/help for commands")
+        term.write(b'"""\rtwo\rlines\r"""\r/stats\r/quit\r')
+        _exited(pid, term)
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = out_path.read_text()
+    assert "\x1b[" not in text  # no terminal drawing in the file
+    assert re.search(r"  replies\s+1\n", text), text
