@@ -129,6 +129,17 @@ def drift(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> dict:
     }
 
 
+def _prompt_ids(tokenizer, p: dict) -> list[int]:
+    """A greedy prompt's ids: chat messages through the template, or, for a base model
+    without one (Gemma 3 270M), their text as one raw prompt with the tokenizer's BOS."""
+    if "messages" not in p:
+        return tokenizer.encode(p["prompt"])
+    if tokenizer.chat_template is None:
+        text = "\n".join(m["content"] for m in p["messages"])
+        return tokenizer.encode(text, add_special_tokens=True)
+    return tokenizer.encode_chat(p["messages"], add_generation_prompt=True)
+
+
 def greedy_agreement(ref: list[list[int]], cand: list[list[int]]) -> dict:
     """Share of each continuation generated before the first token that differs."""
     shares, identical = [], 0
@@ -183,9 +194,7 @@ class _Loaded:
         return out
 
     def prompt_ids(self, p: dict) -> list[int]:
-        if "messages" in p:
-            return self.model.tokenizer.encode_chat(p["messages"], add_generation_prompt=True)
-        return self.model.tokenizer.encode(p["prompt"])
+        return _prompt_ids(self.model.tokenizer, p)
 
     def close(self) -> None:
         self.model.close()
@@ -254,8 +263,7 @@ class _CoreML:
     def greedy(self, prompts: list[dict], n: int) -> list[list[int]]:
         out = []
         for p in prompts:
-            ids = (self.tokenizer.encode_chat(p["messages"], add_generation_prompt=True)
-                   if "messages" in p else self.tokenizer.encode(p["prompt"]))
+            ids = _prompt_ids(self.tokenizer, p)
             state = self.interp.make_state()
             for i in range(0, len(ids), self.CHUNK):
                 last = self._forward(state, ids[i:i + self.CHUNK], i)[-1]
