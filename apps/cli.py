@@ -73,18 +73,6 @@ def _checked_size(value: str | None) -> str | None:
     return value
 
 
-def _checked_size(value: str | None) -> str | None:
-    """A size flag checked when parsed, so that its error names the flag."""
-    if value is not None:
-        from ..settings import parse_size
-
-        try:
-            parse_size(value)
-        except OndeviceError as err:
-            raise click.BadParameter(str(err)) from None
-    return value
-
-
 def _options(options):
     def wrap(f):
         for opt in reversed(options):
