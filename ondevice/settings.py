@@ -176,7 +176,10 @@ class EngineConfig:
             raise RequestError(
                 f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.kv_memory is not None:
-            object.__setattr__(self, "kv_memory", parse_size(self.kv_memory))
+            try:
+                object.__setattr__(self, "kv_memory", parse_size(self.kv_memory))
+            except RequestError as err:
+                raise RequestError(f"kv_memory: {err}") from None
         spec = self.speculative
         if spec is not None:
             if not isinstance(spec, SpeculativeConfig):

@@ -2,15 +2,18 @@
 # Install the Debian packages given as arguments when they are missing (as root, no prompts).
 # With ONDEVICE_DEB_BACKPORTS=1 on Debian 12 (bookworm), take them from bookworm-backports
 # (adding that suite to apt's sources if needed): Mesa 25's lavapipe runs the wgpu backend's
-# shaders 3-4x faster than bookworm's Mesa 22.3. CI sets it; elsewhere it is opt-in.
+# shaders 3-4x faster than bookworm's Mesa 22.3. CI sets it; elsewhere it is opt-in. Only the
+# packages in ONDEVICE_DEB_BACKPORT_PACKAGES (Mesa's) must be the backports build; the others
+# (Chromium has no backports build) are fine as installed.
 set -euo pipefail
+bpo_packages=" ${ONDEVICE_DEB_BACKPORT_PACKAGES:-mesa-vulkan-drivers} "
 backports=""
 if [ "${ONDEVICE_DEB_BACKPORTS:-0}" = "1" ] && grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
   backports="bookworm-backports"
 fi
 missing=()
 for pkg in "$@"; do
-  if [ -n "$backports" ]; then
+  if [ -n "$backports" ] && [[ "$bpo_packages" == *" $pkg "* ]]; then
     version=$(dpkg-query -W -f='${Status} ${Version}' "$pkg" 2>/dev/null || true)
     case "$version" in "install ok installed"*bpo12*) continue ;; esac
   else
