@@ -29,7 +29,7 @@ from ondevice.modeldir import ModelDir
 from ondevice.sampling import Sampler, SamplingParams, softmax
 from ondevice.settings import EngineConfig, SpeculativeConfig, backend_options
 
-FLOAT32 = {"numpy": {}, "mlx": {"device": "cpu", "dtype": "float32"},
+FLOAT32 = {"numpy": {}, "cpu": {}, "mlx": {"device": "cpu", "dtype": "float32"},
            "wgpu": {"dtype": "float32"}}
 BACKENDS = [name for name, (ok, _) in available_backends().items() if ok and name in FLOAT32]
 METHODS = ["prompt_lookup", "draft"]
