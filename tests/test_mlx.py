@@ -60,12 +60,13 @@ def test_registry_reports_the_device():
 
 
 def test_auto_prefers_mlx_only_on_apple_silicon():
-    assert _auto_order("darwin", "arm64")[0] == "mlx"
-    assert _auto_order("linux", "x86_64")[0] == "numpy"
-    assert _auto_order("linux", "aarch64")[0] == "numpy"
-    assert _auto_order("darwin", "x86_64")[0] == "numpy"
+    # Elsewhere the packed-weight cpu backend comes first, the NumPy reference after it.
+    assert _auto_order("darwin", "arm64") == ("mlx", "cpu", "numpy")
+    assert _auto_order("linux", "x86_64") == ("cpu", "numpy", "mlx")
+    assert _auto_order("linux", "aarch64")[0] == "cpu"
+    assert _auto_order("darwin", "x86_64")[0] == "cpu"
     on_apple_silicon = (sys.platform, platform.machine()) == ("darwin", "arm64")
-    assert resolve("auto") == ("mlx" if on_apple_silicon else "numpy")
+    assert resolve("auto") == ("mlx" if on_apple_silicon else "cpu")
 
 
 def test_missing_mlx_is_a_clear_error(tiny_model_dir):
