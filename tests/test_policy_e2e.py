@@ -380,30 +380,28 @@ def test_cli_chat_with_a_cloud_policy(tiny_model_dir, cloud, monkeypatch):
     assert counter["requests"] == 1  # local: the cloud saw nothing new
 
 
-def test_repl_stats_say_where_each_reply_ran(tiny_model_dir, cloud, monkeypatch):
-    from test_cli import _quit, _read_until, _repl
+def test_repl_stats_say_where_each_reply_ran(tiny_model_dir, cloud, monkeypatch, tmp_path):
+    from test_repl import _chat, _quit, _send
+
+    def ran_on(term) -> str:
+        term.write(b"/stats\r")
+        out = term.expect(rb"ran on +\S+")
+        term.expect(rb"\r?\n>>>")
+        return out.split()[-1].decode()
 
     proxy, counter, srv = cloud
     monkeypatch.setenv("ONDEVICE_CLOUD_API_KEY", SENTINEL)  # the child inherits it
-    args = ["chat", "-m", str(tiny_model_dir), "-b", "numpy", "--kv-memory", "1MiB", "-n", "4",
-            "--policy", "cloud", "--cloud-url", proxy.url]
-    with _repl(args) as (pid, fd):
-        _read_until(fd, b">>> ")
-        os.write(fd, b"Hello\n")
-        _read_until(fd, b">>> ")
-        os.write(fd, b"/stats\n")
-        out = _read_until(fd, b">>> ")
-        assert f"last_reply_ran_on: cloud:{proxy.url}/v1".encode() in out
+    args = ("--kv-memory", "1MiB", "--policy", "cloud", "--cloud-url", proxy.url)
+    with _chat(tiny_model_dir, tmp_path / "home", *args) as (pid, term):
+        _send(term, b"Hello\r")
+        assert ran_on(term) == f"cloud:{proxy.url}/v1"
         assert counter["requests"] == 1
         srv.stop()
         proxy.close()  # offline now: the next reply runs on the device
-        os.write(fd, b"Hello again\n")
-        _read_until(fd, b">>> ")
-        os.write(fd, b"/stats\n")
-        out = _read_until(fd, b">>> ")
-        assert b"last_reply_ran_on: local:numpy" in out and b"offline" in out
-        assert SENTINEL.encode() not in out
-        _quit(pid, fd)
+        out = _send(term, b"Hello again\r")
+        assert ran_on(term) == "local:numpy"
+        assert SENTINEL.encode() not in term.buffer + out
+        _quit(pid, term)
 
 
 def test_a_local_engine_that_cannot_start_falls_back_to_the_cloud(tiny_model_dir, profile,

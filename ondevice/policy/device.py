@@ -27,7 +27,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 GB = 10**9
-LOCAL_BACKENDS = ("numpy", "mlx", "wgpu", "coreml")
+LOCAL_BACKENDS = ("cpu", "numpy", "mlx", "wgpu", "coreml")
 
 # Published unified-memory bandwidth of Apple chips (GB/s), for a live Mac whose OS names its
 # chip but not its bandwidth. Apple newsroom chip announcements; where a chip has bins with

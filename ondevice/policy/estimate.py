@@ -44,7 +44,12 @@ class BackendTraits:
 # 60-70% of the published bandwidth in public decode benchmarks; the Neural Engine decodes
 # slower than the GPU (Apple's Core ML Llama 3.1 8B int4 write-up reports ~33 tok/s on an
 # M1 Max, ~0.35 of its 400 GB/s at 4.5 bits per weight) but at the least energy.
+# The cpu backend keeps quantized weights packed (backends/cpu_backend.py), so it plans for the
+# stored bytes; its kernels reached 8-12% of the q4 bandwidth ceiling on the loaded 2-core
+# machine (benchmarks/results/cpu.json), so the default is conservative until
+# `ondevice devices --calibrate` measures it.
 TRAITS: dict[tuple[str, str], BackendTraits] = {
+    ("cpu", "cpu"): BackendTraits("cpu", "stored", 4, 0.15, 0.2, 3),
     ("numpy", "cpu"): BackendTraits("cpu", "dense_f32", 4, 0.6, 0.5, 3),
     ("mlx", "gpu"): BackendTraits("gpu", "stored", 2, 0.65, 0.4, 2),
     ("mlx", "cpu"): BackendTraits("cpu", "stored", 4, 0.15, 0.05, 3),
@@ -56,8 +61,8 @@ TRAITS: dict[tuple[str, str], BackendTraits] = {
 
 def traits_for(backend: str, profile: DeviceProfile) -> BackendTraits | None:
     """The traits of ``backend`` on ``profile``'s hardware (None: it cannot run there)."""
-    if backend == "numpy":
-        return TRAITS["numpy", "cpu"]
+    if backend in ("numpy", "cpu"):
+        return TRAITS[backend, "cpu"]
     if backend == "mlx":
         return TRAITS["mlx", "gpu" if profile.metal else "cpu"]
     if backend == "wgpu":
