@@ -8,7 +8,6 @@ The tiny random model plays both sides (the cloud serves it, the device runs it 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
