@@ -319,8 +319,10 @@ def test_step_cost_and_expected_tokens():
     assert cost.time(3) is None
     cost.observe(1, 0.030)
     cost.observe(9, 0.060)
-    assert cost.time(5) == 0.030  # untried: optimistic, so it gets measured
-    assert cost.time(18) == pytest.approx(0.120)
+    assert cost.time(5) == pytest.approx(0.045)  # on the line between measurements
+    assert cost.time(18) == pytest.approx(0.120)  # beyond them: in proportion
+    cost.observe(512, 1.0)  # a prefill chunk: rows in between are no longer "free"
+    assert cost.time(40) == pytest.approx(0.06 + 0.94 * 31 / 503)
     assert expected_tokens(0.0, 5) == 1 and expected_tokens(1.0, 4) == 5
 
 

@@ -300,9 +300,10 @@ class StepCost:
     """Measured forward-pass seconds by number of query rows (exponential averages), so that
     the choice of k uses this backend's real cost of extra rows, not an assumption.
 
-    A row count never measured costs as much as the nearest measured count below it: an
-    optimistic guess, so that it gets tried (and measured) once. Above every measurement the
-    cost grows in proportion to the rows (pessimistic: large batches are compute-bound)."""
+    A row count never measured is interpolated linearly between the nearest measured counts
+    around it (prefill chunks give the far end), or costs as much as the nearest count below
+    it when it is small (an optimistic guess, so that it gets tried and measured once).
+    Beyond every measurement the cost grows in proportion to the rows."""
 
     def __init__(self, smoothing: float = 0.3):
         self.smoothing = smoothing
@@ -320,8 +321,9 @@ class StepCost:
             return None
         r = max(below)
         above = [q for q in self.seconds if q > rows]
-        if above:  # between two measurements: the lower one (optimistic, see above)
-            return self.seconds[r]
+        if above:  # between two measurements: on the line through them
+            q = min(above)
+            return self.seconds[r] + (self.seconds[q] - self.seconds[r]) * (rows - r) / (q - r)
         return self.seconds[r] * (rows / r if r >= 8 else 1.0)
 
 
