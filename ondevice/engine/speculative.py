@@ -401,8 +401,10 @@ class Speculator:
             return k_cap
         st = self._state(seq)
         base = self.cost.time(rows)
-        if base is None or (self.draft is not None and self.draft.seconds is None):
-            return k_cap  # nothing measured yet: try, and learn the cost
+        if base is None:
+            return 0  # measure the plain step first: without it no gain can be judged
+        if self.draft is not None and self.draft.seconds is None:
+            return k_cap  # the draft's cost is learned by running it once
         best_k, best = 0, tokens / base
         for k in range(1, k_cap + 1):
             t = self.cost.time(rows + k)
