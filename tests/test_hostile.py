@@ -110,6 +110,38 @@ def test_claimed_layer_count_peak_rss_of_the_cli(tmp_path):
     assert int(peak_kib) < 400 << 10, f"peak RSS {int(peak_kib) >> 10} MiB"
 
 
+# ---------------------------------------------------------------------------------------------
+# 2. RoPE tables sized by the claimed context
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu", "mlx", "wgpu"])
+def test_rope_tables_do_not_follow_a_claimed_context(tmp_path, backend):
+    """max_position_embeddings = 2**24 with a 16 MiB KV pool: cos/sin over every claimed
+    position would be 2**24 x head_dim floats per table (1 GiB here); the backends compute
+    them per step (numpy, cpu, mlx) or over the pool's reach (wgpu)."""
+    import psutil
+
+    from ondevice.backends import available_backends
+
+    if not available_backends()[backend][0]:
+        pytest.skip(f"{backend} is not available here (tests/test_backends.py requires it in CI)")
+    path = model_with(tmp_path, max_position_embeddings=1 << 24)
+    options = {"mlx": {"device": "cpu", "dtype": "float32"}, "wgpu": {"dtype": "float32"}}
+    rss = psutil.Process().memory_info().rss
+    tracemalloc.start()
+    try:
+        m = ondevice.load(path, backend, kv_memory="16MiB", options=options.get(backend))
+        with m:
+            text = m.generate("hello", max_tokens=4, temperature=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    grown = psutil.Process().memory_info().rss - rss
+    assert isinstance(text, str)
+    assert peak < 96 << 20, f"traced peak {peak >> 20} MiB"
+    assert grown < 512 << 20, f"RSS grew {grown >> 20} MiB"
+
+
 def test_layer_count_ceiling_and_tensors_present():
     from ondevice.models.llama import check_layer_count, weight_specs
 
