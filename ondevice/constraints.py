@@ -14,6 +14,7 @@ fails with one line naming the extra.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +30,9 @@ __all__ = ["CompiledConstraint", "Constraint", "ConstraintCompiler", "Constraint
            "Matcher", "compute_masks", "constraint_from_options"]
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
+
+PARALLEL_MASK_MIN_CPUS = 8
+"""Below this many CPUs the masks of a batch are computed one after another."""
 
 MAX_SPEC_CHARS = 1 << 20
 """Largest schema, regex or grammar text accepted (1 Mi characters)."""
@@ -288,7 +292,11 @@ class ConstraintCompiler:
                     except Exception as err:  # noqa: BLE001  (llguidance's own errors)
                         raise ConstraintError(f"structured output cannot use this model's "
                                               f"tokenizer: {_one_line(err)}") from None
-                    self._executor = llg.LLExecutor()
+                    # Masks of a whole batch in parallel only where cores are plenty: a
+                    # row's mask takes ~50 us here, and on a small machine the executor's
+                    # worker threads would compete with the forward pass they overlap.
+                    if (os.cpu_count() or 1) >= PARALLEL_MASK_MIN_CPUS:
+                        self._executor = llg.LLExecutor()
         return self._llt
 
     def _grammar(self, c: Constraint) -> str:
