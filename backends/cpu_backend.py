@@ -35,6 +35,7 @@ from ..quant import unpack
 from ..settings import CpuOptions
 from . import cpu_kernels as K
 from .base import Backend, Capabilities, PageRelease, RopeTables
+from .numpy_backend import HostKV
 
 F32 = np.float32
 PACKED_BITS = frozenset({4, 5, 6, 8})
@@ -346,7 +347,7 @@ class CpuOps:
         return x[rows]
 
 
-class CpuBackend(Backend):
+class CpuBackend(HostKV, Backend):
     name = "cpu"
     options_class = CpuOptions
     capabilities = Capabilities(packed_bits=PACKED_BITS)
@@ -390,16 +391,6 @@ class CpuBackend(Backend):
         self._threads()
         return self.model.forward(self.ops, self.params, batch)
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:
-            src, dst = np.array(pairs, dtype=np.int64).T
-            self.kv[:, :, dst] = self.kv[:, :, src]
-
-    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
-        return self.kv[:, :, np.asarray(block_ids, dtype=np.int64)]
-
-    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
-        self.kv[:, :, np.asarray(block_ids, dtype=np.int64)] = data
 
 
 def _handles(params) -> list:

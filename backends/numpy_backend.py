@@ -162,7 +162,25 @@ class NumpyOps:
         return self.linear(x, lm_head)
 
 
-class NumpyBackend(Backend):
+class HostKV:
+    """Block I/O and copy-on-write of a host KV pool ``self.kv`` in the portable layout
+    ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` (the NumPy and cpu backends')."""
+
+    kv: np.ndarray
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs:
+            src, dst = np.array(pairs, dtype=np.int64).T
+            self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
+        return self.kv[:, :, np.asarray(block_ids, dtype=np.int64)]
+
+    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+        self.kv[:, :, np.asarray(block_ids, dtype=np.int64)] = data
+
+
+class NumpyBackend(HostKV, Backend):
     name = "numpy"
 
     def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
@@ -178,16 +196,6 @@ class NumpyBackend(Backend):
     def forward(self, batch: BatchInput) -> np.ndarray:
         return self.model.forward(self.ops, self.params, batch)
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:
-            src, dst = np.array(pairs, dtype=np.int64).T
-            self.kv[:, :, dst] = self.kv[:, :, src]
-
-    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
-        return self.kv[:, :, np.asarray(block_ids, dtype=np.int64)]
-
-    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
-        self.kv[:, :, np.asarray(block_ids, dtype=np.int64)] = data
 
 
 BACKEND = NumpyBackend
