@@ -105,6 +105,29 @@ class Timings:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
+class _Clock:
+    """Times one generation into its model's ``timings`` and turns engine outputs into
+    :class:`Chunk` s (for :meth:`Model.stream` and :meth:`Model.astream` alike)."""
+
+    def __init__(self, model: Model, prompt_tokens: int):
+        self.model = model
+        self.timings = Timings(prompt_tokens=prompt_tokens)
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def chunk(self, out) -> Chunk:
+        now, t = time.perf_counter(), self.timings
+        if self.first is None:
+            self.first = now
+            t.prefill_seconds = now - self.start
+            t.cached_prompt_tokens = out.num_cached_tokens
+        t.generated_tokens += len(out.token_ids)
+        t.decode_seconds = now - self.first
+        self.model.timings = t
+        return Chunk(out.text, out.token_ids[0] if out.token_ids else None, out.finish_reason,
+                     out.logprob, out.top_logprobs, out.index)
+
+
 class Model:
     """A model ready to generate. Build it with :func:`ondevice.load`. Thread-safe: requests
     from several threads are batched together by the engine. A context manager: ``with
@@ -159,20 +182,9 @@ class Model:
         params = sampling_params(params, **sampling)
         ids = self.encode_prompt(prompt)
         self._compile(params)
-        t = Timings(prompt_tokens=len(ids))
-        start = time.perf_counter()
-        first = None
+        clock = _Clock(self, len(ids))
         for out in self.runtime.sync.generate(ids, params):
-            now = time.perf_counter()
-            if first is None:
-                first = now
-                t.prefill_seconds = now - start
-                t.cached_prompt_tokens = out.num_cached_tokens
-            t.generated_tokens += len(out.token_ids)
-            t.decode_seconds = now - first
-            self.timings = t
-            yield Chunk(out.text, out.token_ids[0] if out.token_ids else None, out.finish_reason,
-                        out.logprob, out.top_logprobs, out.index)
+            yield clock.chunk(out)
 
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None,
                       **sampling) -> AsyncIterator[Chunk]:
@@ -190,22 +202,11 @@ class Model:
         self._compile(params)
         if self._front is None:  # one front per model: it holds no state but the loop
             self._front = AsyncEngine(self.runtime.loop)
-        t = Timings(prompt_tokens=len(ids))
-        start = time.perf_counter()
-        first = None
+        clock = _Clock(self, len(ids))
         gen = self._front.generate(ids, params)
         try:
             async for out in gen:
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                    t.prefill_seconds = now - start
-                    t.cached_prompt_tokens = out.num_cached_tokens
-                t.generated_tokens += len(out.token_ids)
-                t.decode_seconds = now - first
-                self.timings = t
-                yield Chunk(out.text, out.token_ids[0] if out.token_ids else None,
-                            out.finish_reason, out.logprob, out.top_logprobs, out.index)
+                yield clock.chunk(out)
         finally:
             await gen.aclose()  # aborts the engine request when we stop early
 
