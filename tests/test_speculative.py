@@ -434,22 +434,30 @@ def _cut_draft(target: Path, layers: int, out: Path) -> Path:
     return out
 
 
-@pytest.mark.real_model
-def test_golden_greedy_with_speculation(real_model_dir, golden_cases, tmp_path):
-    """The default model's golden prompts, all at once, prompt lookup at k = 1..8 and a draft
-    (cut from the target's first 6 layers; k = 1, 2, 4, 8 to keep the suite's time: every k is
-    covered on the tiny model on every backend): exactly the golden greedy tokens."""
+@pytest.fixture(scope="module")
+def golden_backends(real_model_dir, tmp_path_factory):
+    """The default model (f32) and a draft cut from its first 6 layers, on NumPy, loaded once
+    for the golden checks below."""
     md = ModelDir(real_model_dir)
-    draft_md = ModelDir(_cut_draft(real_model_dir, 6, tmp_path / "draft"))
-    target = NumpyBackend(md, num_blocks=64, block_size=16)
-    draft = NumpyBackend(draft_md, num_blocks=64, block_size=16)
+    draft_md = ModelDir(_cut_draft(real_model_dir, 6, tmp_path_factory.mktemp("draft") / "m"))
+    return (md, NumpyBackend(md, num_blocks=64, block_size=16),
+            NumpyBackend(draft_md, num_blocks=64, block_size=16))
+
+
+# Every k from 1 to 8 runs on the tiny model on every backend; on the real model a spread of
+# them keeps the suite's time (each check is its own test, within the per-test timeout).
+@pytest.mark.real_model
+@pytest.mark.parametrize("method, k", [("prompt_lookup", 1), ("prompt_lookup", 8),
+                                       ("draft", 4)])
+def test_golden_greedy_with_speculation(golden_backends, golden_cases, method, k):
+    """The default model's golden prompts, all at once, with speculation: exactly the golden
+    greedy tokens."""
+    md, target, draft = golden_backends
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     reqs = [(c["prompt_ids"], params) for c in golden_cases]
     want = [{0: c["greedy_ids"]} for c in golden_cases]
-    for method, ks in (("prompt_lookup", range(1, 9)), ("draft", (1, 2, 4, 8))):
-        for k in ks:
-            eng = Engine(target, md.tokenizer, context_length=md.config.context_length,
-                         model_id=f"{method}{k}", speculative=spec(method, k),
-                         draft_backend=draft if method == "draft" else None)
-            assert run_all(eng, reqs) == want, (method, k)
-            assert eng.stats()["spec_proposed_tokens"] > 0
+    eng = Engine(target, md.tokenizer, context_length=md.config.context_length,
+                 model_id=f"{method}{k}", speculative=spec(method, k),
+                 draft_backend=draft if method == "draft" else None)
+    assert run_all(eng, reqs) == want, (method, k)
+    assert eng.stats()["spec_proposed_tokens"] > 0
