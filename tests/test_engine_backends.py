@@ -38,9 +38,7 @@ def model_dir(request, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(params=BACKENDS)
 def make_engine(request, model_dir):
-    name = request.param
-    if name == "numpy" and not model_dir.config.is_gemma3:
-        pytest.skip("the Llama on NumPy is tests/test_engine.py")
+    name = request.param  # NumPy too: the same guarantees on the reference, for both families
 
     def make(num_blocks=512, block_size=8, caching=True) -> Engine:
         backend = backend_class(name)(model_dir, num_blocks=num_blocks, block_size=block_size,
