@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -156,6 +157,8 @@ def throughput(engine: Engine, model: ondevice.Model, concurrency: int, repeats:
             valid = 0
             for text, fin in zip(con["texts"], con["finish"], strict=True):
                 valid += fin == "stop" and _valid(text, MID_SCHEMA)
+            print(f"concurrency {concurrency}: constrained {con['decode_tps']:.1f} tok/s, "
+                  f"unconstrained {plain['decode_tps']:.1f} tok/s", file=sys.stderr)
             rows.append({"constrained_decode_tps": round(con["decode_tps"], 2),
                          "unconstrained_decode_tps": round(plain["decode_tps"], 2),
                          "ratio": round(con["decode_tps"] / plain["decode_tps"], 4),
@@ -271,14 +274,21 @@ def main() -> None:
         "repeats": args.repeats,
         "compile": compile_times(model, args.repeats),
     }
-    result["throughput"] = [throughput(engine, model, c, args.repeats, args.max_tokens)
-                            for c in (1, 16)]
+    print(f"compile: {result['compile']}", file=sys.stderr)
+
+    def save() -> str:  # after every part: a run cut short still leaves what it measured
+        text = json.dumps(result, indent=2)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    result["throughput"] = []
+    for c in (16, 1):
+        result["throughput"].append(throughput(engine, model, c, args.repeats, args.max_tokens))
+        save()
     result["validity"] = validity(engine, model, args.max_tokens)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(save())
 
 
 if __name__ == "__main__":
