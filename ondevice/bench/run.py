@@ -28,6 +28,7 @@ from .common import (
     _group_size,
     current_rss_bytes,
     machine_info,
+    make_prompts,
     model_variant,
     reset_peak_rss,
     source_gguf,
@@ -96,22 +97,6 @@ def measure_bandwidth(mib: int = 256, repeats: int = 5) -> dict:
             "gemv_gb_per_s": gemv_gbps, "buffer_bytes": nbytes, "repeats": repeats}
 
 
-# -- prompts -------------------------------------------------------------------------------
-def make_prompts(vocab_size: int, special: set[int], count: int, length: int,
-                 seed: int) -> list[list[int]]:
-    """``count`` distinct random prompts of ``length`` ids (no special tokens), so neither
-    the prefix cache nor a peer's prompt cache can shortcut a prefill."""
-    rng = np.random.default_rng(seed)
-    low = min(100, vocab_size // 4)
-    out = []
-    for _ in range(count):
-        ids: list[int] = []
-        while len(ids) < length:
-            ids += [int(t) for t in rng.integers(low, vocab_size, length) if int(t) not in special]
-        out.append(ids[:length])
-    return out
-
-
 # -- our engine ----------------------------------------------------------------------------
 def drive(engine, prompts: list[list[int]], params: SamplingParams) -> dict:
     """Submit every prompt at once and step the engine to the end on this thread."""
@@ -161,17 +146,15 @@ def concurrent(engine, prompts: list[list[int]], gen: int) -> dict:
 def bench_config(path: Path, backend: str, quantize: str, s: BenchSettings,
                  tick: Callable[[str], None]) -> dict:
     """Every figure of one backend x quantization (the model at ``path``)."""
-    import ondevice
-
+    from ..api import load
     from ..engine import Engine
 
     gc.collect()
     windowed = reset_peak_rss()
     rss_before = current_rss_bytes()
     t0 = time.perf_counter()
-    model = ondevice.load(path, backend=backend, kv_memory=s.kv_memory, quiet=True,
-                          max_num_seqs=max(max(s.concurrency), 1),
-                          options=_backend_options(backend, s))
+    model = load(path, backend=backend, kv_memory=s.kv_memory, quiet=True,
+                 max_num_seqs=max(max(s.concurrency), 1), options=_backend_options(backend, s))
     load_s = time.perf_counter() - t0
     try:
         rt = model.runtime
