@@ -84,6 +84,18 @@ def test_no_import_cycles(staged):
     assert cycles(staged) == []
 
 
+def test_only_the_apps_import_the_package_facade(staged):
+    """``ondevice/__init__`` (the public facade, which also reaches the policy) is for users
+    and the apps; inside the package modules import what they use from its own module."""
+    code = ("import grimp\n"
+            "g = grimp.build_graph('ondevice', include_external_packages=False)\n"
+            "print('\\n'.join(sorted(m for m in g.find_modules_that_directly_import('ondevice')"
+            " if not m.startswith('ondevice.apps'))))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=staged, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(staged)), timeout=300, check=True)
+    assert p.stdout.split() == []
+
+
 def test_a_bad_import_breaks_the_contract(tmp_path):
     pkg = stage(tmp_path)
     # The block manager (kv, pure Python, below the engine) reaching up into the engine.
