@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,18 @@ from tiny import tiny_config, write_model  # noqa: E402
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (GQA, tied embeddings) with a byte-level BPE tokenizer."""
     return write_model(tmp_path_factory.mktemp("tiny") / "model", tiny_config())
+
+
+@pytest.fixture(autouse=True)
+def _restore_ondevice_logger():
+    # The CLI configures the "ondevice" logger (level, a stderr handler) when it runs in this
+    # process (CliRunner): put it back so later tests see records as they were.
+    logger = logging.getLogger("ondevice")
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
 
 
 @pytest.fixture(autouse=True)

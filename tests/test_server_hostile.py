@@ -253,6 +253,7 @@ def test_long_request_outlives_the_head_timeout(model, server, monkeypatch):
 def test_client_hanging_up_mid_body_logs_one_line(server, caplog):
     """Issue 16 (11): ClientDisconnect is a log line, not a traceback."""
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ondevice")
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
             b"application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": \"Hi")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
