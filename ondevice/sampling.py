@@ -439,6 +439,25 @@ def apply_penalties(
 # Sampler
 
 
+def filtered_probs(x: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The distribution a sampled row is drawn from: temperature, top-k, softmax, top-p,
+    min-p (float32, not renormalized; filtered tokens are 0). ``x`` is a penalized float32
+    row and is modified."""
+    # Shift before dividing so that a tiny temperature sends the other logits to -inf
+    # instead of overflowing the top one to +inf (which would make softmax NaN).
+    x -= x.max()
+    if p.temperature != 1.0:
+        x /= _F32(p.temperature)
+    if p.top_k:
+        x[~top_k_mask(x, p.top_k)] = -np.inf
+    probs = softmax(x)
+    if p.top_p < 1.0:
+        probs[~top_p_mask(probs, p.top_p)] = 0
+    if p.min_p > 0.0:
+        probs[~min_p_mask(probs, p.min_p)] = 0
+    return probs
+
+
 class Sampler:
     """Samples tokens for one sequence of one request.
 
@@ -522,19 +541,7 @@ class Sampler:
 
     def _draw(self, x: np.ndarray) -> int:
         """Temperature, filters, then one draw. ``x`` is a penalized float32 row (modified)."""
-        p = self.params
-        # Shift before dividing so that a tiny temperature sends the other logits to -inf
-        # instead of overflowing the top one to +inf (which would make softmax NaN).
-        x -= x.max()
-        if p.temperature != 1.0:
-            x /= _F32(p.temperature)
-        if p.top_k:
-            x[~top_k_mask(x, p.top_k)] = -np.inf
-        probs = softmax(x)
-        if p.top_p < 1.0:
-            probs[~top_p_mask(probs, p.top_p)] = 0
-        if p.min_p > 0.0:
-            probs[~min_p_mask(probs, p.min_p)] = 0
+        probs = filtered_probs(x, self.params)
         # Inverse-CDF draw over the surviving tokens only; scaling u by the total renormalizes
         # and never lands on a zero-probability token.
         candidates = np.flatnonzero(probs > 0)

@@ -36,11 +36,8 @@ from ..sampling import (
     SampleResult,
     SamplingParams,
     apply_penalties,
+    filtered_probs,
     log_softmax,
-    min_p_mask,
-    softmax,
-    top_k_mask,
-    top_p_mask,
 )
 from .request import Sequence
 
@@ -67,17 +64,7 @@ def target_probs(params: SamplingParams, logits: np.ndarray, prompt_ids: list[in
                         repetition_penalty=params.repetition_penalty,
                         presence_penalty=params.presence_penalty,
                         frequency_penalty=params.frequency_penalty)
-    x -= x.max()
-    if params.temperature != 1.0:
-        x /= np.float32(params.temperature)
-    if params.top_k:
-        x[~top_k_mask(x, params.top_k)] = -np.inf
-    probs = softmax(x)
-    if params.top_p < 1.0:
-        probs[~top_p_mask(probs, params.top_p)] = 0
-    if params.min_p > 0.0:
-        probs[~min_p_mask(probs, params.min_p)] = 0
-    probs = probs.astype(np.float64)
+    probs = filtered_probs(x, params).astype(np.float64)
     return probs / probs.sum()
 
 
