@@ -252,6 +252,7 @@ class CpuOps:
         self._plan: tuple[BatchInput, tuple[np.ndarray, ...]] | None = None
         # The outputs of the last fused product: (input, group, outputs, parts not yet taken).
         self._fused: tuple[Any, _Fused, list[np.ndarray], set[int]] | None = None
+        self.fused_products = 0  # products run for fused groups (one per group per layer)
 
     # products ----------------------------------------------------------------------------
     def _product(self, x: np.ndarray, w) -> np.ndarray:
@@ -267,20 +268,22 @@ class CpuOps:
         return y
 
     def linear(self, x, w) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=F32)
         group = w.group
         if group is None:
-            return self._product(x, w)
+            return self._product(np.ascontiguousarray(x, dtype=F32), w)
+        # The caller's object is the key: ``ascontiguousarray`` returns a new view of arrays
+        # that numba kernels returned, so its result would never match the next call's.
         cached = self._fused
         if cached is not None and cached[0] is x and cached[1] is group and w.part in cached[3]:
             cached[3].discard(w.part)
             if not cached[3]:
                 self._fused = None
             return cached[2][w.part]
-        y = self._product(x, group.whole)
+        y = self._product(np.ascontiguousarray(x, dtype=F32), group.whole)
         outs = [np.ascontiguousarray(y[:, a:z]) for a, z in group.bounds]
         rest = set(range(len(outs))) - {w.part}
         self._fused = (x, group, outs, rest) if rest else None
+        self.fused_products += 1
         return outs[w.part]
 
     def logits(self, x, lm_head) -> np.ndarray:

@@ -91,6 +91,24 @@ def test_quantized_weights_stay_packed(q4_dir):
     assert be.describe()["packed_weight_bytes"] == _packed_file_bytes(md)
 
 
+def test_fused_groups_run_one_product_per_layer(q4_dir, monkeypatch):
+    """A forward pass computes q/k/v once and gate/up once per layer, not once per part
+    (inputs that numba kernels returned must still be recognised as the same input)."""
+    be = CpuBackend(ModelDir(q4_dir), num_blocks=8, block_size=8)
+    calls = []
+    for name in ("qgemv", "qgemm"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name,
+                            lambda *a, _k=kernel: (calls.append(a[1].shape), _k(*a))[1])
+    layers = len(be.params.layers)
+    for rows in (1, 9):  # decode rows (qgemv) and a prefill chunk (qgemm)
+        calls.clear()
+        be.ops.fused_products = 0
+        be.forward(BatchInput.build([(list(range(3, 3 + rows)), 0, [0, 1])], 8))
+        assert be.ops.fused_products == 2 * layers
+        assert len(calls) == 4 * layers + 1  # qkv, o, gate/up, down; the head
+
+
 @pytest.mark.parametrize("bits", [5, 6])
 def test_5_and_6_bit_layout_is_mlx_own(bits):
     """Kernel dequantization of ``mx.quantize``'s output equals ``mx.dequantize``."""
