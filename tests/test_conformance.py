@@ -509,7 +509,7 @@ def cpu_packed_pair(request, tmp_path_factory):
     return _cpu_pairs[request.param]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5, 40])  # decode rows (GEMV) and prefill chunks (GEMM)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 40])  # decode rows (GEMV), small batches, chunks (GEMM)
 def test_cpu_packed_linear_and_logits(cpu_packed_pair, rows):
     ref, be = cpu_packed_pair
     rng = np.random.default_rng(20 + rows)
