@@ -330,12 +330,12 @@ class CpuOps:
                                  positions, lens, tables, heads, F32(scale), int(window))
 
     def silu_mul(self, gate, up) -> np.ndarray:
-        return K.silu_mul(np.ascontiguousarray(gate, dtype=F32),
-                          np.ascontiguousarray(up, dtype=F32))
+        kernel = K.silu_mul if gate.shape[0] <= GEMV_MAX_ROWS else K.silu_mul_rows
+        return kernel(np.ascontiguousarray(gate, dtype=F32), np.ascontiguousarray(up, dtype=F32))
 
     def gelu_tanh_mul(self, gate, up) -> np.ndarray:
-        return K.gelu_tanh_mul(np.ascontiguousarray(gate, dtype=F32),
-                               np.ascontiguousarray(up, dtype=F32))
+        kernel = K.gelu_tanh_mul if gate.shape[0] <= GEMV_MAX_ROWS else K.gelu_tanh_mul_rows
+        return kernel(np.ascontiguousarray(gate, dtype=F32), np.ascontiguousarray(up, dtype=F32))
 
     def head_rms_norm(self, x, weight, eps, heads, head_dim) -> np.ndarray:
         t = x.shape[0]
