@@ -8,6 +8,7 @@ back. The NumPy backend is the living definition of every op.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -16,6 +17,7 @@ import numpy as np
 from ..batch import BatchInput
 from ..config import ModelConfig
 from ..errors import OndeviceError
+from ..kv.layout import KVLayout
 from ..modeldir import ModelDir
 from ..models import model_for
 from ..settings import BackendOptions, NumpyOptions
@@ -67,11 +69,14 @@ class Capabilities:
         expanded to the compute dtype at load). The policy sizes memory from it.
     kv_itemsize: bytes per stored KV element (4 float32, 2 float16) unless the backend's
         :meth:`Backend.kv_bytes_per_token` says otherwise for its options.
+    window_paging: the backend keeps sliding-window layers in a KV group of their own, whose
+        blocks leave the pool once outside the window (see ``ondevice.kv.layout``).
     """
 
     device_topk: bool = False
     packed_bits: frozenset[int] = frozenset()
     kv_itemsize: int = 4
+    window_paging: bool = True
 
 
 class Backend(ABC):
@@ -89,10 +94,20 @@ class Backend(ABC):
     ops: Any
     params: Any
 
-    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 options: BackendOptions | None = None):
-        if num_blocks <= 0 or block_size <= 0:
-            raise OndeviceError(f"invalid KV pool: {num_blocks} blocks of {block_size} tokens")
+    def __init__(self, model_dir: ModelDir, *, num_blocks: int | Sequence[int],
+                 block_size: int = 16, options: BackendOptions | None = None,
+                 kv_layout: KVLayout | None = None):
+        """``num_blocks``: blocks of each KV group's pool (one int: the same for every group).
+        ``kv_layout``: the KV groups (default: :meth:`default_kv_layout`)."""
+        layout = kv_layout or self.default_kv_layout(model_dir.config)
+        if layout.num_layers != model_dir.config.num_hidden_layers or (
+                layout.num_groups > 1 and not self.capabilities.window_paging):
+            raise OndeviceError(f"backend {self.name!r} cannot keep the KV groups {layout}")
+        counts = ((num_blocks,) * layout.num_groups if isinstance(num_blocks, int)
+                  else tuple(int(n) for n in num_blocks))
+        if len(counts) != layout.num_groups or min(counts) <= 0 or block_size <= 0:
+            raise OndeviceError(f"invalid KV pool: {num_blocks} blocks of {block_size} tokens "
+                                f"for {layout.num_groups} KV group(s)")
         if options is None:
             options = self.options_class.from_env()
         elif not isinstance(options, self.options_class):
@@ -100,9 +115,27 @@ class Backend(ABC):
                                 f"not {type(options).__name__}")
         self.options = options
         self.config: ModelConfig = model_dir.config
-        self.num_blocks = num_blocks
+        self.kv_layout = layout
+        self.group_blocks: tuple[int, ...] = counts
+        self.num_blocks = counts[0]  # group 0 (full attention): it bounds a sequence's context
         self.block_size = block_size
         self.model = model_for(model_dir.config)(model_dir.config)
+        # Each layer's (group, index within the group's pool).
+        self.layer_pools = [(layout.layer_group[i], layout.index_in_group(i))
+                            for i in range(layout.num_layers)]
+
+    @classmethod
+    def default_kv_layout(cls, config: ModelConfig, paging: bool = True) -> KVLayout:
+        """The KV groups this backend keeps for ``config``: windowed layers in a group of
+        their own where the backend pages windows (and ``paging`` is on), else one group."""
+        return KVLayout.for_config(config, paging and cls.capabilities.window_paging)
+
+    def kv_group_block_bytes(self) -> tuple[int, ...]:
+        """Bytes of one block of each KV group's pool (its layers' K and V)."""
+        per_layer = self.kv_bytes_per_token(self.config, self.options) \
+            // self.config.num_hidden_layers * self.block_size
+        return tuple(len(self.kv_layout.layers(g)) * per_layer
+                     for g in range(self.kv_layout.num_groups))
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -149,22 +182,32 @@ class Backend(ABC):
         """float32 logits ``[len(batch.logits_indices), vocab]``; writes the batch's K/V."""
 
     @abstractmethod
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy the KV of block ``src`` into block ``dst`` for each pair (copy-on-write)."""
+    def copy_blocks(self, pairs: list[tuple[int, int]], group: int = 0) -> None:
+        """Copy the KV of block ``src`` into block ``dst`` of KV group ``group``'s pool for
+        each pair (copy-on-write)."""
 
-    def kv_block_shape(self, num_blocks: int) -> tuple[int, ...]:
-        """Shape of :meth:`read_blocks` for ``num_blocks`` blocks (a portable layout)."""
+    def kv_block_shape(self, num_blocks: int, group: int = 0) -> tuple[int, ...]:
+        """Shape of :meth:`read_blocks` for ``num_blocks`` blocks of ``group`` (a portable
+        layout: the group's layers in model order)."""
         c = self.config
-        return (c.num_hidden_layers, 2, num_blocks, self.block_size, c.num_key_value_heads,
-                c.head_dim)
+        return (len(self.kv_layout.layers(group)), 2, num_blocks, self.block_size,
+                c.num_key_value_heads, c.head_dim)
 
     @abstractmethod
-    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
-        """float32 KV of these blocks in :meth:`kv_block_shape` layout (prompt caches)."""
+    def read_blocks(self, block_ids: list[int], group: int = 0) -> np.ndarray:
+        """float32 KV of these blocks of ``group`` in :meth:`kv_block_shape` layout (prompt
+        caches)."""
 
     @abstractmethod
-    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+    def write_blocks(self, block_ids: list[int], data: np.ndarray, group: int = 0) -> None:
         """Inverse of :meth:`read_blocks`."""
+
+    def check_batch(self, batch: BatchInput) -> None:
+        """Refuse a batch built for other KV groups than this backend's pools."""
+        groups = self.kv_layout.layer_group if self.kv_layout.num_groups > 1 else ()
+        if batch.layer_groups and batch.layer_groups != groups:
+            raise OndeviceError(f"the batch's KV groups {batch.layer_groups} are not the "
+                                f"backend's {groups}")
 
     def close(self) -> None:  # noqa: B027  (optional hook: most backends free on GC)
         """Release device memory."""

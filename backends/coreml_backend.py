@@ -55,8 +55,11 @@ class CoreMLBackend(Backend):
 
     name = "coreml"
     options_class = CoreMLOptions
-    # The KV states are float16; int8/int4 packages keep their palettized weights.
-    capabilities = Capabilities(packed_bits=frozenset({4, 8}), kv_itemsize=2)
+    # The KV states are float16; int8/int4 packages keep their palettized weights. A package
+    # has one KV state for all layers and one block table: no window paging (its local layers
+    # still read only their window).
+    capabilities = Capabilities(packed_bits=frozenset({4, 8}), kv_itemsize=2,
+                                window_paging=False)
     dtype_name = "float16"
 
     @classmethod
@@ -84,9 +87,12 @@ class CoreMLBackend(Backend):
             return False, f"coremltools {ct.__version__} has no Core ML runtime library here"
         return True, f"Core ML ({compute_units()}) on macOS {platform.mac_ver()[0]}"
 
-    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 options: CoreMLOptions | None = None, package: str | Path | None = None):
-        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options)
+    def __init__(self, model_dir: ModelDir, *, num_blocks, block_size: int = 16,
+                 options: CoreMLOptions | None = None, package: str | Path | None = None,
+                 kv_layout=None):
+        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options,
+                         kv_layout=kv_layout)
+        num_blocks = self.num_blocks  # one KV group (no window paging in a package)
         model = model_dir
         from ..converters.coreml import export_coreml, read_manifest
 
@@ -200,7 +206,7 @@ class CoreMLBackend(Backend):
         for name, pool in zip(STATE_NAMES, pools, strict=True):
             self.state.write_state(name, pool.reshape(shape).astype(np.float16))
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, pairs: list[tuple[int, int]], group: int = 0) -> None:
         if not pairs:
             return
         pools = self._pool()
@@ -209,12 +215,12 @@ class CoreMLBackend(Backend):
             pool[:, dst] = pool[:, src]
         self._store(pools)
 
-    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
+    def read_blocks(self, block_ids: list[int], group: int = 0) -> np.ndarray:
         ids = np.asarray(block_ids, dtype=np.int64)
         k, v = self._pool()
         return np.stack([k[:, ids], v[:, ids]], axis=1).astype(np.float32)
 
-    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+    def write_blocks(self, block_ids: list[int], data: np.ndarray, group: int = 0) -> None:
         ids = np.asarray(block_ids, dtype=np.int64)
         pools = self._pool()
         for i, pool in enumerate(pools):

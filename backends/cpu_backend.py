@@ -17,8 +17,9 @@ their handles become views into it. ``ops.linear`` on the first of them runs one
 all and keeps the others' outputs for the calls that follow with the same input.
 
 The KV pool is float32 ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]`` (the
-``numpy`` layout), written by slot and read through block tables by one parallel attention
-kernel for all decode rows and prefill chunks of a step.
+``numpy`` layout; one such pool per KV group, see ``ondevice.kv.layout``), written by slot and
+read through the layer's group's block tables by one parallel attention kernel for all decode
+rows and prefill chunks of a step.
 """
 
 from __future__ import annotations
@@ -247,11 +248,13 @@ def fuse_layers(params) -> None:
 class CpuOps:
     """The ``Ops`` protocol on float32 NumPy arrays, computed by the numba kernels."""
 
-    def __init__(self, kv: np.ndarray, block_size: int):
-        self.kv = kv
+    def __init__(self, kv: list[np.ndarray], block_size: int,
+                 layer_pools: list[tuple[int, int]]):
+        self.kv = kv  # one pool per KV group; layer i is layer_pools[i] = (group, index)
+        self.layer_pools = layer_pools
         self.block_size = block_size
         self.rope_tables = RopeTables()
-        self._plan: tuple[BatchInput, tuple[np.ndarray, ...]] | None = None
+        self._plan: tuple[BatchInput, tuple[Any, ...]] | None = None
         # The outputs of the last fused product: (input, group, outputs, parts not yet taken).
         self._fused: tuple[Any, _Fused, list[np.ndarray], set[int]] | None = None
         self.fused_products = 0  # products run for fused groups (one per group per layer)
@@ -309,25 +312,34 @@ class CpuOps:
         return K.rope(np.ascontiguousarray(x, dtype=F32), cos, sin, heads, head_dim)
 
     def write_kv(self, layer, k, v, slot_mapping) -> None:
-        K.write_kv(self.kv, layer, np.ascontiguousarray(k, dtype=F32),
+        group, index = self.layer_pools[layer]
+        K.write_kv(self.kv[group], index, np.ascontiguousarray(k, dtype=F32),
                    np.ascontiguousarray(v, dtype=F32), np.asarray(slot_mapping, np.int64))
 
-    def plan(self, batch: BatchInput) -> tuple[np.ndarray, ...]:
-        """(sequence of each query row, positions, sequence lengths, block tables) as the
-        attention kernel takes them, built by the first layer of a step for all of them."""
+    def plan(self, batch: BatchInput) -> tuple[Any, ...]:
+        """(sequence of each query row, positions, sequence lengths, block tables of each
+        layer) as the attention kernel takes them, built by the first layer of a step."""
         if self._plan is None or self._plan[0] is not batch:
             qsl = batch.query_start_loc.astype(np.int64)
             row_seq = np.repeat(np.arange(len(qsl) - 1, dtype=np.int64), np.diff(qsl))
+            tables: dict[int, np.ndarray] = {}  # one conversion per distinct table
+            per_layer = []
+            for layer in range(len(self.layer_pools)):
+                t = batch.tables_for(layer)
+                if id(t) not in tables:
+                    tables[id(t)] = np.ascontiguousarray(t, dtype=np.int64)
+                per_layer.append(tables[id(t)])
             self._plan = (batch, (row_seq, batch.positions.astype(np.int64),
-                                  batch.seq_lens.astype(np.int64),
-                                  np.ascontiguousarray(batch.block_tables, dtype=np.int64)))
+                                  batch.seq_lens.astype(np.int64), per_layer))
         return self._plan[1]
 
     def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale,
                         window: int = 0):
         row_seq, positions, lens, tables = self.plan(batch)
-        return K.paged_attention(self.kv, layer, np.ascontiguousarray(q, dtype=F32), row_seq,
-                                 positions, lens, tables, heads, F32(scale), int(window))
+        group, index = self.layer_pools[layer]
+        return K.paged_attention(self.kv[group], index, np.ascontiguousarray(q, dtype=F32),
+                                 row_seq, positions, lens, tables[layer], heads, F32(scale),
+                                 int(window))
 
     def silu_mul(self, gate, up) -> np.ndarray:
         kernel = K.silu_mul if gate.shape[0] <= GEMV_MAX_ROWS else K.silu_mul_rows
@@ -357,9 +369,10 @@ class CpuBackend(HostKV, Backend):
     options_class = CpuOptions
     capabilities = Capabilities(packed_bits=PACKED_BITS)
 
-    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 options: CpuOptions | None = None):
-        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options)
+    def __init__(self, model_dir: ModelDir, *, num_blocks, block_size: int = 16,
+                 options: CpuOptions | None = None, kv_layout=None):
+        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options,
+                         kv_layout=kv_layout)
         import numba
 
         self.threads = max(1, min(self.options.threads or physical_cores(),
@@ -367,10 +380,14 @@ class CpuBackend(HostKV, Backend):
         c = self.config
         self.params = self.model.load_params(model_dir, CpuLoader(model_dir))
         fuse_layers(self.params)
-        shape = (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-        self.kv = np.empty(shape, dtype=F32)
-        K.touch(self.kv.reshape(-1))  # fault every page in now, on every thread
-        self.ops = CpuOps(self.kv, block_size)
+        self.kv_pools = []
+        for group, blocks in enumerate(self.group_blocks):
+            shape = (len(self.kv_layout.layers(group)), 2, blocks, block_size,
+                     c.num_key_value_heads, c.head_dim)
+            pool = np.empty(shape, dtype=F32)
+            K.touch(pool.reshape(-1))  # fault every page in now, on every thread
+            self.kv_pools.append(pool)
+        self.ops = CpuOps(self.kv_pools, block_size, self.layer_pools)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -393,6 +410,7 @@ class CpuBackend(HostKV, Backend):
             numba.set_num_threads(self.threads)
 
     def forward(self, batch: BatchInput) -> np.ndarray:
+        self.check_batch(batch)
         self._threads()
         return self.model.forward(self.ops, self.params, batch)
 

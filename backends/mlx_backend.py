@@ -7,8 +7,9 @@ Weights stay in the checkpoint's form: MLX-quantized matrices are used as they a
 (uint32 ``weight`` + ``scales`` + ``biases``, the mlx-lm layout) through
 ``mx.quantized_matmul``; dense ones are held in the compute dtype.
 
-The KV pool is one pair of arrays per layer, ``[num_blocks * block_size, kv_heads, head_dim]``,
-indexed by slot (``block * block_size + offset``). Writes scatter by the batch's slot mapping
+The KV pool is one pair of arrays per layer, ``[num_blocks * block_size, kv_heads, head_dim]``
+(``num_blocks`` of the layer's KV group, see ``ondevice.kv.layout``), indexed by slot
+(``block * block_size + offset``). Writes scatter by the batch's slot mapping
 (in place: the pool's buffer is donated to the update, never copied); attention gathers each
 sequence's keys and values through its block table and runs
 ``mx.fast.scaled_dot_product_attention``: decode rows of all sequences as one padded batch,
@@ -284,7 +285,8 @@ class MlxOps:
         self.rope_tables = RopeTables()
         self._dirty: set[int] = set()
         self._step: dict[int, tuple[Any, Any]] | None = None  # per-forward conversions
-        self._window_plans: dict[tuple[int, int], tuple[BatchInput, _Attention]] = {}
+        self._window_plans: dict[tuple[int, int, int],
+                                 tuple[BatchInput, np.ndarray, _Attention]] = {}
 
     # Host <-> device, for the conformance harness and the backend's own bookkeeping.
     def from_host(self, a: np.ndarray) -> mx.array:
@@ -405,26 +407,29 @@ class MlxOps:
         vp[slots] = v.reshape(shape).astype(vp.dtype)
         self._dirty.add(layer)
 
-    def _plan(self, batch: BatchInput, window: int = 0) -> _Attention:
+    def _plan(self, batch: BatchInput, tables: np.ndarray, window: int = 0) -> _Attention:
+        """The step's plan for the layers that read ``tables`` (their KV group's) with
+        ``window``."""
         if not window:
-            return self._cached(batch, lambda: self._build_plan(batch))
+            return self._cached(tables, lambda: self._build_plan(batch, tables))
         # Windowed layers (Gemma 3's local ones) share one plan per step and window.
-        key = (id(batch), window)
+        key = (id(batch), id(tables), window)
         hit = self._window_plans.get(key)
-        if hit is None or hit[0] is not batch:
+        if hit is None or hit[0] is not batch or hit[1] is not tables:
             if self._window_plans and next(iter(self._window_plans.values()))[0] is not batch:
                 self._window_plans.clear()
-            hit = self._window_plans[key] = (batch, self._build_plan(batch, window))
-        return hit[1]
+            hit = self._window_plans[key] = (batch, tables,
+                                             self._build_plan(batch, tables, window))
+        return hit[2]
 
-    def _build_plan(self, batch: BatchInput, window: int = 0) -> _Attention:
+    def _build_plan(self, batch: BatchInput, tables: np.ndarray, window: int = 0) -> _Attention:
         """``window`` > 0: each query at position p sees only keys p-window+1 .. p, and only
         those keys are gathered (the blocks before them may already be back in the pool)."""
         bs = self.block_size
         qsl = batch.query_start_loc.astype(np.int64)
         lens = batch.seq_lens.astype(np.int64)
         pos = batch.positions.astype(np.int64)
-        tables = batch.block_tables.astype(np.int64)
+        tables = tables.astype(np.int64)
         n = qsl[1:] - qsl[:-1]
         order: list[np.ndarray] = []
         dec = np.flatnonzero(n == 1)
@@ -495,7 +500,7 @@ class MlxOps:
 
     def paged_attention(self, layer, q, batch: BatchInput, heads, kv_heads, head_dim, scale,
                         window: int = 0):
-        plan = self._plan(batch, window)
+        plan = self._plan(batch, batch.tables_for(layer), window)
         kp, vp = self.k[layer], self.v[layer]
         streams = self.streams()
         outs = []
@@ -625,9 +630,10 @@ class MlxBackend(Backend):
     # instead; see the module's docstring and ``describe()``).
     capabilities = Capabilities(packed_bits=frozenset({2, 3, 4, 5, 6, 8}))
 
-    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 options: MlxOptions | None = None):
-        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options)
+    def __init__(self, model_dir: ModelDir, *, num_blocks, block_size: int = 16,
+                 options: MlxOptions | None = None, kv_layout=None):
+        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options,
+                         kv_layout=kv_layout)
         opts: MlxOptions = self.options
         self.device_name = default_device(opts.device)
         self.device = mx.Device(mx.cpu if self.device_name == "cpu" else mx.gpu)
@@ -645,10 +651,11 @@ class MlxBackend(Backend):
             self.params = self.model.load_params(
                 model, MlxLoader(model, self.dtype, cpu, self.threads, self.expanded)
             )
-            slots = num_blocks * block_size
-            shape = (slots, c.num_key_value_heads, c.head_dim)
-            k = [mx.zeros(shape, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
-            v = [mx.zeros(shape, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
+            # Each layer's pool holds its KV group's blocks.
+            shapes = [(self.group_blocks[g] * block_size, c.num_key_value_heads, c.head_dim)
+                      for g, _ in self.layer_pools]
+            k = [mx.zeros(shape, dtype=self.dtype) for shape in shapes]
+            v = [mx.zeros(shape, dtype=self.dtype) for shape in shapes]
             mx.eval(k, v)  # allocate and zero now, not during the first requests
         self.ops = MlxOps(k, v, block_size, self.device, self.dtype, self.threads)
 
@@ -691,6 +698,7 @@ class MlxBackend(Backend):
                 "weights": "expanded" if self.expanded else "as stored", "threads": self.threads}
 
     def forward(self, batch: BatchInput) -> np.ndarray:
+        self.check_batch(batch)
         self.ops.begin_step()
         try:
             with mx.stream(self.ops.streams()[0]):
@@ -703,40 +711,41 @@ class MlxBackend(Backend):
         slots = ids[:, None] * self.block_size + np.arange(self.block_size)
         return mx.array(slots.reshape(-1).astype(np.int32))
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, pairs: list[tuple[int, int]], group: int = 0) -> None:
         if not pairs:
             return
         src, dst = np.array(pairs, dtype=np.int64).T
         s, d = self._block_slots(src), self._block_slots(dst)
         with mx.stream(self.ops.streams()[0]):
             for pools in (self.ops.k, self.ops.v):
-                for pool in pools:
-                    pool[d] = pool[s]
+                for layer in self.kv_layout.layers(group):
+                    pools[layer][d] = pools[layer][s]
             mx.eval(self.ops.k, self.ops.v)
 
-    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
+    def read_blocks(self, block_ids: list[int], group: int = 0) -> np.ndarray:
         n = len(block_ids)
         if not n:
-            return np.zeros(self.kv_block_shape(0), np.float32)
+            return np.zeros(self.kv_block_shape(0, group), np.float32)
         slots = self._block_slots(block_ids)
         with mx.stream(self.ops.streams()[0]):
-            kv = mx.stack([mx.stack([k[slots], v[slots]])
-                           for k, v in zip(self.ops.k, self.ops.v, strict=True)])
+            kv = mx.stack([mx.stack([self.ops.k[i][slots], self.ops.v[i][slots]])
+                           for i in self.kv_layout.layers(group)])
             out = self.ops.to_host(kv)
-        return out.reshape(self.kv_block_shape(n))
+        return out.reshape(self.kv_block_shape(n, group))
 
-    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+    def write_blocks(self, block_ids: list[int], data: np.ndarray, group: int = 0) -> None:
         n = len(block_ids)
         if not n:
             return
         c = self.config
+        layers = self.kv_layout.layers(group)
         slots = self._block_slots(block_ids)
         data = np.asarray(data, dtype=np.float32).reshape(
-            c.num_hidden_layers, 2, n * self.block_size, c.num_key_value_heads, c.head_dim)
+            len(layers), 2, n * self.block_size, c.num_key_value_heads, c.head_dim)
         with mx.stream(self.ops.streams()[0]):
-            for i in range(c.num_hidden_layers):
-                self.ops.k[i][slots] = mx.array(data[i, 0]).astype(self.dtype)
-                self.ops.v[i][slots] = mx.array(data[i, 1]).astype(self.dtype)
+            for j, i in enumerate(layers):
+                self.ops.k[i][slots] = mx.array(data[j, 0]).astype(self.dtype)
+                self.ops.v[i][slots] = mx.array(data[j, 1]).astype(self.dtype)
             mx.eval(self.ops.k, self.ops.v)
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """The NumPy reference backend: float32, eager, and as plain as correctness allows.
 
-Quantized weights are dequantized at load. The KV pool is one array
-``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``; attention gathers each sequence's
-K/V through its block table, so prefill chunks and decode rows share one code path.
+Quantized weights are dequantized at load. The KV pool is one array per KV group
+``[layers in the group, 2, num_blocks, block_size, kv_heads, head_dim]`` (one group, all layers,
+unless the model has sliding-window layers); attention gathers each sequence's K/V through its
+group's block table, so prefill chunks and decode rows share one code path.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ class NumpyLoader:
 class NumpyOps:
     """Every op of the ``Ops`` protocol on float32 NumPy arrays."""
 
-    def __init__(self, kv: np.ndarray, block_size: int):
-        self.kv = kv
+    def __init__(self, kv: np.ndarray | list[np.ndarray], block_size: int,
+                 layer_pools: list[tuple[int, int]] | None = None):
+        """``kv``: one pool per KV group (one array: a single group of every layer);
+        ``layer_pools[i]``: layer i's (group, index in the group's pool)."""
+        self.kv = [kv] if isinstance(kv, np.ndarray) else list(kv)
+        self.layer_pools = layer_pools or [(0, i) for i in range(self.kv[0].shape[0])]
         self.block_size = block_size
         self.rope_tables = RopeTables()
         self._plan: tuple[BatchInput, AttentionPlan] | None = None
@@ -66,10 +71,15 @@ class NumpyOps:
             self._plan = (batch, AttentionPlan.build(batch, self.block_size))
         return self._plan[1]
 
+    def layer_pool(self, layer: int) -> np.ndarray:
+        """The KV of ``layer`` ``[2, blocks, block_size, kv_heads, head_dim]`` (in its KV
+        group's pool)."""
+        group, index = self.layer_pools[layer]
+        return self.kv[group][index]
+
     def layer_cache(self, layer: int, batch: BatchInput) -> tuple[np.ndarray, np.ndarray]:
-        """The KV of ``layer`` ``[2, blocks, block_size, kv_heads, head_dim]`` and the block
-        tables that index it."""
-        return self.kv[layer], batch.block_tables
+        """The KV of ``layer`` and the block tables (of its group) that index it."""
+        return self.layer_pool(layer), batch.tables_for(layer)
 
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]
@@ -99,8 +109,9 @@ class NumpyOps:
         return out.reshape(t, heads * head_dim)
 
     def write_kv(self, layer, k, v, slot_mapping) -> None:
-        _, _, nb, bs, kvh, hd = self.kv.shape
-        flat = self.kv[layer].reshape(2, nb * bs, kvh, hd)
+        pool = self.layer_pool(layer)
+        _, nb, bs, kvh, hd = pool.shape
+        flat = pool.reshape(2, nb * bs, kvh, hd)
         flat[0, slot_mapping] = k.reshape(-1, kvh, hd)
         flat[1, slot_mapping] = v.reshape(-1, kvh, hd)
 
@@ -163,37 +174,49 @@ class NumpyOps:
 
 
 class HostKV:
-    """Block I/O and copy-on-write of a host KV pool ``self.kv`` in the portable layout
-    ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` (the NumPy and cpu backends')."""
+    """Block I/O and copy-on-write of host KV pools ``self.kv_pools`` (one per KV group) in
+    the portable layout ``[layers in the group, 2, blocks, block_size, kv_heads, head_dim]``
+    (the NumPy and cpu backends'); ``self.kv`` is group 0's."""
 
-    kv: np.ndarray
+    kv_pools: list[np.ndarray]
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+    @property
+    def kv(self) -> np.ndarray:
+        return self.kv_pools[0]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]], group: int = 0) -> None:
         if pairs:
             src, dst = np.array(pairs, dtype=np.int64).T
-            self.kv[:, :, dst] = self.kv[:, :, src]
+            pool = self.kv_pools[group]
+            pool[:, :, dst] = pool[:, :, src]
 
-    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
-        return self.kv[:, :, np.asarray(block_ids, dtype=np.int64)]
+    def read_blocks(self, block_ids: list[int], group: int = 0) -> np.ndarray:
+        return self.kv_pools[group][:, :, np.asarray(block_ids, dtype=np.int64)]
 
-    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
-        self.kv[:, :, np.asarray(block_ids, dtype=np.int64)] = data
+    def write_blocks(self, block_ids: list[int], data: np.ndarray, group: int = 0) -> None:
+        self.kv_pools[group][:, :, np.asarray(block_ids, dtype=np.int64)] = data
 
 
 class NumpyBackend(HostKV, Backend):
     name = "numpy"
 
-    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 options=None):
-        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options)
+    def __init__(self, model_dir: ModelDir, *, num_blocks, block_size: int = 16,
+                 options=None, kv_layout=None):
+        super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size, options=options,
+                         kv_layout=kv_layout)
         c = self.config
         self.params = self.model.load_params(model_dir, NumpyLoader(model_dir))
-        shape = (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-        self.kv = np.zeros(shape, dtype=F32)
-        self.kv[...] = 0  # fault every page in now, not during the first requests
-        self.ops = NumpyOps(self.kv, block_size)
+        self.kv_pools = []
+        for group, blocks in enumerate(self.group_blocks):
+            shape = (len(self.kv_layout.layers(group)), 2, blocks, block_size,
+                     c.num_key_value_heads, c.head_dim)
+            pool = np.zeros(shape, dtype=F32)
+            pool[...] = 0  # fault every page in now, not during the first requests
+            self.kv_pools.append(pool)
+        self.ops = NumpyOps(self.kv_pools, block_size, self.layer_pools)
 
     def forward(self, batch: BatchInput) -> np.ndarray:
+        self.check_batch(batch)
         return self.model.forward(self.ops, self.params, batch)
 
 

@@ -6,8 +6,8 @@ The KV figures are block accounting from the model's config, not a measurement: 
 ``--context``-token sequence holds when every block of every layer is kept, and what it would
 hold if the local (sliding-window) layers kept only the blocks that overlap their window
 (``ceil(window / block_size) + 1`` blocks each), plus the largest context a fixed KV budget
-fits either way. The runtime does not free local-layer blocks yet (see the README / issue 17),
-so the "windowed" column is the target, and the measured KV is the "every block" one.
+fits either way. The runtime frees local-layer blocks now (window paging, see the README);
+``bench_window_paging.py`` measures that by driving the KV manager with the real config.
 
 Prints JSON (``--out FILE`` writes it too)::
 

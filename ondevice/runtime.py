@@ -10,6 +10,7 @@ from .backends import backend_class, resolve
 from .engine import Engine, EngineLoop, SyncEngine
 from .engine.engine import score_tokens
 from .errors import RequestError
+from .kv.layout import split_kv_budget
 from .memory import available_memory_bytes
 from .modeldir import ModelDir
 from .settings import BackendOptions, EngineConfig, backend_options, parse_size  # noqa: F401
@@ -48,9 +49,25 @@ class Runtime:
         self.options = backend_options(self.backend_name, options)
         block_size, kv_memory = engine.block_size, engine.kv_memory
         per_block = cls.kv_bytes_per_token(self.config, self.options) * block_size
+        layout = cls.default_kv_layout(self.config, engine.window_paging)
+        layer_block = per_block // self.config.num_hidden_layers
+        chunk = engine.max_num_batched_tokens + (
+            engine.speculative.num_tokens if engine.speculative else 0)
+
+        def split(nbytes: int) -> tuple[int, ...]:
+            return split_kv_budget(nbytes, layout, layer_block, block_size,
+                                   max_num_seqs=engine.max_num_seqs, chunk=chunk)
+
         if kv_memory is None:
-            # One full context (at least DEFAULT_KV_MEMORY), within a quarter of free memory.
-            budget = max(DEFAULT_KV_MEMORY, self.config.context_length * per_block // block_size)
+            # One full context (at least DEFAULT_KV_MEMORY), within a quarter of free memory;
+            # with window paging, what one full context needs in group 0 beside the windows.
+            full = self.config.context_length * per_block // block_size
+            if layout.num_groups > 1:
+                full_blocks = -(-self.config.context_length // block_size)
+                full = full_blocks * len(layout.layers(0)) * layer_block + sum(
+                    n * len(layout.layers(g)) * layer_block
+                    for g, n in enumerate(split(full)) if g)
+            budget = max(DEFAULT_KV_MEMORY, full)
             budget = min(budget, available_memory_bytes() // 4)
         else:
             budget = parse_size(kv_memory)
@@ -58,15 +75,17 @@ class Runtime:
             if budget > free:
                 raise RequestError(f"KV memory of {budget >> 20} MiB is more than the "
                                    f"{free >> 20} MiB of memory available")
-        num_blocks = budget // per_block
+        group_blocks = split(budget)
         cap = cls.max_kv_blocks(self.config, block_size, self.options)
         if kv_memory is None and cap is not None:
-            num_blocks = min(num_blocks, cap)  # e.g. wgpu: one layer's K within one binding
-        if num_blocks < 1:
+            # e.g. wgpu: one layer's K within one binding (per group: same per-layer blocks)
+            group_blocks = tuple(min(n, cap) for n in group_blocks)
+        if min(group_blocks) < 1:
             raise RequestError(f"KV memory {budget} bytes is less than one block ({per_block} bytes)")
+        num_blocks = group_blocks[0]
         self.model_id = model_id(model_dir)
-        self.backend = cls(model_dir, num_blocks=num_blocks, block_size=block_size,
-                           options=self.options)
+        self.backend = cls(model_dir, num_blocks=group_blocks, block_size=block_size,
+                           options=self.options, kv_layout=layout)
         # The backend holds its own copy of the weights now: unmap the files so that their
         # pages stop counting against this process.
         model_dir.close()

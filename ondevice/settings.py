@@ -159,6 +159,10 @@ class EngineConfig:
 
     ``kv_memory`` is the KV pool's budget in bytes (or text such as ``"256MiB"``); None sizes
     it automatically: one full context, at least 256 MiB, at most a quarter of free memory.
+    ``window_paging``: models with sliding-window layers (Gemma 3) keep those layers' KV in a
+    group of its own whose blocks go back to the pool once they leave the window, and the
+    budget is split between the groups (``ondevice.kv.layout``); off, every layer keeps every
+    block in one pool.
     """
 
     block_size: int = 16
@@ -167,14 +171,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_memory: int | str | None = None
     speculative: SpeculativeConfig | None = None
+    window_paging: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise RequestError(
-                f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
+        for name in ("enable_prefix_caching", "window_paging"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.kv_memory is not None:
             try:
                 object.__setattr__(self, "kv_memory", parse_size(self.kv_memory))

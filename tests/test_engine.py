@@ -35,7 +35,7 @@ def run_all(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) ->
         for o in engine.step():
             out[o.request_id].setdefault(o.index, []).extend(o.token_ids)
         engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks  # nothing leaked
+    assert all(p.num_free_blocks == p.num_blocks for p in engine.kv.pools)  # nothing leaked
     return [out[rid] for rid in ids]
 
 
@@ -155,6 +155,12 @@ def test_stats_and_utilization(model_dir):
     st = engine.stats()
     assert st["running"] == 1 and st["kv_blocks_used"] == 3
     assert st["kv_utilization"] == round(20 / 24, 4)  # slots of computed tokens / allocated
+    # One KV group (a Llama): every layer's K and V, float32, per block.
+    c = model_dir.config
+    block_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4 * 8
+    assert st["kv_group0_window"] == 0 and "kv_group1_window" not in st
+    assert st["kv_group0_bytes_used"] == st["kv_bytes_used"] == 3 * block_bytes
+    assert st["kv_group0_bytes_total"] == st["kv_bytes_total"] == 512 * block_bytes
     while engine.has_unfinished():
         engine.step()
     st = engine.stats()

@@ -132,3 +132,89 @@ def test_chat_on_a_base_model_says_so_and_completes_raw_text(tmp_path):
                          text=True, capture_output=True, timeout=300)
     assert raw.returncode == 0, raw.stderr
     assert chat.stdout.strip() == raw.stdout.strip()
+
+
+# -- window paging through the runtime and prompt caches ----------------------------------------
+
+def test_runtime_splits_the_kv_budget_and_window_paging_reaches_further(tmp_path):
+    """A fixed KV budget: with window paging the local layers' group gets what max_num_seqs
+    sequences need for their window and one step's chunk, the global group the rest, so the
+    longest context is far longer than when every layer keeps every block."""
+    from tiny import write_model
+
+    from ondevice.kv.layout import split_kv_budget
+
+    path = write_model(tmp_path / "g", tiny_gemma_config(sliding_window=10,
+                                                         max_position_embeddings=4096))
+    layer_block = 2 * 1 * 32 * 4 * 4  # K and V, 1 KV head of 32 dims, float32, 4 tokens
+    budget = 3 * 100 * layer_block  # 100 blocks per layer if every layer keeps every block
+    kw = dict(backend="numpy", kv_memory=budget, block_size=4, max_num_seqs=2,
+              max_num_batched_tokens=8, quiet=True)
+    paged = ondevice.load(path, **kw)
+    kept = ondevice.load(path, engine=ondevice.EngineConfig(window_paging=False), **kw)
+    try:
+        rt = paged.runtime
+        layout = rt.backend.kv_layout
+        # 2 x (ceil(10 / 4) + 2) + 8 / 4 = 12 local blocks; 300 - 2 * 12 = 276 global ones.
+        assert rt.backend.group_blocks == (276, 12) == split_kv_budget(
+            budget, layout, layer_block, 4, max_num_seqs=2, chunk=8)
+        assert kept.runtime.backend.group_blocks == (100,)
+        assert rt.context_limit == 276 * 4 and kept.runtime.context_limit == 100 * 4
+        stats = paged.stats()
+        assert stats["kv_bytes_total"] == 276 * layer_block + 12 * 2 * layer_block <= budget
+        assert (stats["kv_group0_window"], stats["kv_group1_window"]) == (0, 10)
+        # The long context really runs: 900 tokens in a pool whose local group holds 48.
+        prompt = [int(t) for t in np.random.default_rng(0).integers(3, 300, 900)]
+        chunks = list(paged.stream(prompt, max_tokens=4, temperature=0, ignore_eos=True))
+        assert sum(c.token_id is not None for c in chunks) == 4
+        with pytest.raises(ondevice.RequestError, match="limit"):
+            kept.generate(prompt, max_tokens=4, temperature=0)
+    finally:
+        paged.close()
+        kept.close()
+
+
+def test_prompt_cache_with_window_paging(tmp_path):
+    """A saved prefix holds every block of the global layers and the last window's blocks of
+    the local ones; loaded into a fresh engine, a longer prompt hits it and decodes the same
+    tokens as without the cache."""
+    from test_engine import run_all
+    from tiny import write_model
+
+    from ondevice.backends.numpy_backend import NumpyBackend
+    from ondevice.engine import Engine
+    from ondevice.engine.prompt_cache import load_prompt_cache, save_prompt_cache
+    from ondevice.modeldir import ModelDir
+    from ondevice.weights import SafetensorsFile
+
+    md = ModelDir(write_model(tmp_path / "g", tiny_gemma_config(sliding_window=10)))
+
+    def engine(caching=True):
+        return Engine(NumpyBackend(md, num_blocks=(64, 12), block_size=4), md.tokenizer,
+                      context_length=md.config.context_length, max_num_batched_tokens=16,
+                      enable_prefix_caching=caching, model_id="tiny")
+
+    rng = np.random.default_rng(7)
+    system = rng.integers(3, md.config.vocab_size, 42).tolist()
+    question = system + rng.integers(3, md.config.vocab_size, 9).tolist()
+    path = tmp_path / "system.safetensors"
+    a = engine()
+    assert save_prompt_cache(a, system, path) == 40
+    with SafetensorsFile(path) as f:
+        # 10 blocks of the global layer; the token after the prefix (40) reads 31..40:
+        # local blocks 7, 8, 9 of the two local layers.
+        assert list(f.shape("kv")) == [1, 2, 10, 4, 1, 32]
+        assert list(f.shape("kv.1")) == [2, 2, 3, 4, 1, 32]
+    b = engine()
+    assert load_prompt_cache(b, path) == 40
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    [with_cache] = run_all(b, [(question, params)])
+    assert b.stats()["prefix_cache_hits"] == 40
+    [without] = run_all(engine(caching=False), [(question, params)])
+    assert with_cache == without
+    from ondevice.kv.layout import KVLayout
+
+    single = Engine(NumpyBackend(md, num_blocks=64, block_size=4, kv_layout=KVLayout.single(3)),
+                    md.tokenizer, context_length=md.config.context_length, model_id="tiny")
+    with pytest.raises(ondevice.RequestError, match="KV group"):
+        load_prompt_cache(single, path)

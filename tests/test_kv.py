@@ -32,7 +32,8 @@ from ondevice.kv.hashing import (
     hash_block_tokens,
     hash_request_blocks,
 )
-from ondevice.kv.manager import KVCacheManager
+from ondevice.kv.layout import KVLayout, split_kv_budget, window_blocks
+from ondevice.kv.manager import NULL_BLOCK, KVCacheManager
 from ondevice.kv.pool import BlockPool
 
 BS = 4
@@ -44,20 +45,22 @@ def seq(*values: int, n: int = BS) -> list[int]:
 
 
 def snapshot(kv: KVCacheManager) -> tuple:
-    """Everything allocate_slots may change, as plain values."""
-    pool = kv.pool
+    """Everything allocate_slots may change, as plain values (every KV group)."""
     return (
-        [(b.block_id, b.ref_cnt, b.block_hash) for b in pool.blocks],
-        [b.block_id for b in pool.free_queue],
-        {h: b.block_id for h, b in pool._cached.items()},
-        pool.num_cached_free_blocks,
-        pool.prefix_queries,
-        pool.prefix_hits,
+        [(
+            [(b.block_id, b.ref_cnt, b.block_hash) for b in pool.blocks],
+            [b.block_id for b in pool.free_queue],
+            {h: b.block_id for h, b in pool._cached.items()},
+            pool.num_cached_free_blocks,
+            pool.prefix_queries,
+            pool.prefix_hits,
+        ) for pool in kv.pools],
         {
-            rid: (s.extra_keys, [b.block_id for b in s.blocks], s.num_tokens, s.num_cached_blocks)
+            rid: (s.extra_keys, [[b.block_id for b in t] for t in s.tables], s.num_tokens,
+                  s.num_cached_blocks)
             for rid, s in kv._requests.items()
         },
-        list(kv._pending_copies),
+        [list(p) for p in kv._pending_copies],
     )
 
 
@@ -491,6 +494,186 @@ def test_check_invariants_catches_corruption():
 
 
 # --------------------------------------------------------------------------------------------
+# KV groups: a sliding-window group beside the full-attention one (window 6 = 1.5 blocks)
+
+W = 6
+
+
+def windowed(num_blocks=(12, 8), caching=True) -> KVCacheManager:
+    return KVCacheManager(list(num_blocks), block_size=BS, enable_caching=caching,
+                          extra_keys=("m",), windows=(0, W))
+
+
+def decode_to(kv: KVCacheManager, rid, tokens: list[int], have: int, upto: int) -> None:
+    for n in range(have, upto):
+        assert kv.allocate_slots(rid, tokens[: n + 1], 1) is not None
+        kv.cache_blocks(rid, tokens, n + 1)
+
+
+def test_window_group_gives_back_blocks_wholly_before_the_window():
+    kv = windowed()
+    tokens = list(range(40))
+    admit(kv, "a", tokens[:10])
+    assert kv.block_tables("a") == ([0, 1, 2], [0, 1, 2])  # a prefill keeps its chunk
+    # Writing token 10 (reads 5..10): block 0 (tokens 0-3) is wholly before the window.
+    decode_to(kv, "a", tokens, 10, 11)
+    assert kv.block_ids("a", 1) == [-1, 1, 2] and kv.block_ids("a") == [0, 1, 2]
+    assert kv.pools[1].blocks[0].block_hash is not None  # given back, still cached
+    assert [b.block_id for b in kv.pools[1].free_queue][-1] == 0  # evicted last
+    decode_to(kv, "a", tokens, 11, 30)
+    # Token 29 reads 24..29: blocks 6 and 7 only; the full group holds all 8.
+    assert kv.block_ids("a", 1) == [-1] * 6 + kv.block_ids("a", 1)[6:]
+    assert kv.num_live_blocks("a", 1) == 2 and kv.num_live_blocks("a") == 8
+    kv.check_invariants()
+    # 8 local blocks held a 30-token sequence that needs 8: freeing made room as it went.
+    assert kv.pools[1].num_free_blocks == 8 - 2
+    kv.free("a")
+    kv.check_invariants()
+    assert kv.pools[1].num_free_blocks == 8 and kv.stats()["groups"][1]["window"] == W
+
+
+def test_window_group_shortage_is_a_failed_allocation_that_changes_nothing():
+    kv = windowed(num_blocks=(12, 3))
+    before = snapshot(kv)
+    assert kv.allocate_slots("a", list(range(13)), 13) is None  # 4 local blocks for a chunk
+    assert snapshot(kv) == before
+    # In chunks of 4 it fits: each step frees what left the window.
+    tokens = list(range(24))
+    for n in range(0, 24, 4):
+        assert kv.allocate_slots("a", tokens, 4) is not None, n
+    assert kv.num_live_blocks("a", 1) <= 3 and kv.num_tokens("a") == 24
+    kv.check_invariants()
+    kv.free("a")
+    kv.free("never")
+    kv.check_invariants()
+
+
+def test_window_prefix_hit_needs_the_last_window_of_the_hit():
+    kv = windowed(num_blocks=(12, 6))
+    shared = list(range(100, 120))  # 5 full blocks
+    tokens = shared + [7, 7, 7]
+    admit(kv, "a", tokens)
+    decode_to(kv, "a", tokens + [8, 8], 23, 25)  # the window moves on: blocks 0-3 given back
+    kv.free("a")
+    # A prompt of the 20 shared tokens + 3: 5 blocks hit; the token after them (20) reads
+    # 15..20, i.e. local block 3 (12-15) and 4 (16-19) must be cached: they are.
+    hits, n = kv.get_computed_blocks("b", shared + [1, 2, 3])
+    assert n == 20 and [b.block_id for b in hits] == [0, 1, 2, 3, 4]
+    new = kv.allocate_slots("b", shared + [1, 2, 3], 3, hits)
+    assert new is not None
+    table = kv.block_ids("b", 1)
+    assert table[:3] == [-1, -1, -1] and table[3:5] == [3, 4]  # the cached local blocks
+    kv.check_invariants()
+    kv.free("b")
+    # Evict local block 3 (its hash) by allocating every other local block: the hit shrinks
+    # to the longest prefix whose last window is still cached (here none reaches).
+    evict = kv.pools[1].get_new_blocks(6)
+    kv.pools[1].free_blocks(evict)
+    hits, n = kv.get_computed_blocks("c", shared + [1, 2, 3])
+    assert n == 0 and hits == []
+    kv.free("c")
+    kv.check_invariants()
+
+
+def test_window_fork_copy_on_write_in_both_groups():
+    kv = windowed()
+    tokens = list(range(14))  # 3.5 blocks: the last block is partial
+    admit(kv, "a", tokens)
+    kv.fork("a", "b")
+    assert kv.block_tables("b") == kv.block_tables("a")
+    assert kv.allocate_slots("b", tokens + [1], 1) is not None
+    # Both groups copy their shared partial last block (index 3) for b.
+    assert kv.take_copies(0) == [(3, 4)] and kv.take_copies(1) == [(3, 4)]
+    assert kv.block_ids("b", 1) == [-1, -1, 2, 4]  # and b's window moved past blocks 0-1
+    assert kv.block_ids("a", 1) == [0, 1, 2, 3]  # a still holds them
+    kv.check_invariants()
+    kv.free("a")
+    kv.free("b")
+    kv.check_invariants()
+
+
+def test_window_truncate_refuses_to_cut_back_past_given_back_blocks():
+    kv = windowed(caching=False)
+    tokens = list(range(30))
+    assert kv.allocate_slots("a", tokens, 10) is not None
+    # Slots for 8 proposed tokens at once: written from 10, so only blocks before 5 leave.
+    assert kv.allocate_slots("a", tokens[:18], 8) is not None
+    assert kv.window_intact("a", 12)
+    kv.truncate("a", 12)
+    kv.check_invariants()
+    # A draft model's decode steps move the window one token at a time, past where it may
+    # have to come back to.
+    decode_to(kv, "a", tokens, 12, 24)
+    assert not kv.window_intact("a", 13)
+    with pytest.raises(ValueError, match="given back"):
+        kv.truncate("a", 13)
+    assert kv.window_intact("a", 23)
+    kv.truncate("a", 23)
+    kv.check_invariants()
+
+
+def test_window_allocate_prefix_for_loading_saved_kv():
+    kv = windowed(num_blocks=(12, 3))
+    tokens = list(range(20))
+    tables = kv.allocate_prefix("load", tokens)
+    # The token after the prefix (20) reads 15..20: local blocks 3 and 4 only.
+    assert tables == ([0, 1, 2, 3, 4], [-1, -1, -1, 0, 1])
+    kv.cache_blocks("load", tokens, 20)
+    kv.free("load")
+    hits, n = kv.get_computed_blocks("q", tokens + [5])
+    assert n == 20
+    kv.free("q")
+    with pytest.raises(ValueError, match="inside a block"):
+        kv.allocate_prefix("x", tokens[:6])
+    small = windowed(num_blocks=(4, 3))
+    before = snapshot(small)
+    assert small.allocate_prefix("y", tokens) is None and snapshot(small) == before
+    kv.check_invariants()
+
+
+def test_invariants_catch_a_block_given_back_inside_the_window():
+    kv = windowed()
+    admit(kv, "a", list(range(10)))
+    table = kv._requests["a"].tables[1]
+    blocks = table[:2]  # tokens 0-7; the next token (10) reads 5..10
+    table[:2] = [NULL_BLOCK] * 2
+    kv.pools[1].free_blocks(blocks)
+    with pytest.raises(AssertionError, match="inside the window"):
+        kv.check_invariants()
+    table[0], table[1] = NULL_BLOCK, kv.pools[1].blocks[5]  # a placeholder, then live
+    with pytest.raises(AssertionError):
+        kv.check_invariants()
+
+
+def test_kv_layout_groups_and_budget_split():
+    from tiny import tiny_config, tiny_gemma_config
+
+    from ondevice.config import ModelConfig
+
+    gemma = ModelConfig.from_dict(tiny_gemma_config(sliding_window=10))
+    layout = KVLayout.for_config(gemma)
+    assert layout.windows == (0, 10) and layout.layer_group == (1, 0, 1)
+    assert layout.layers(1) == (0, 2) and layout.index_in_group(2) == 1
+    assert KVLayout.for_config(gemma, paging=False) == KVLayout.single(3)
+    assert KVLayout.for_config(ModelConfig.from_dict(tiny_config())).num_groups == 1
+    all_full = tiny_gemma_config(layer_types=["full_attention"] * 3)
+    assert KVLayout.for_config(ModelConfig.from_dict(all_full)).num_groups == 1
+    with pytest.raises(ValueError):
+        KVLayout((10, 0), (0, 1))  # group 0 must be the full-attention group
+    # Decode reads back ceil(w / bs) + 1 blocks at most; a chunk of n adds its own.
+    assert [window_blocks(10, 4, 1), window_blocks(8, 4, 1), window_blocks(10, 4, 8)] == \
+        [4, 3, 6]
+    # 1 KiB per layer-block; 1 global, 2 local layers. Keeping every block: equal counts.
+    assert split_kv_budget(300 << 10, KVLayout.single(3), 1024, 4,
+                           max_num_seqs=1, chunk=8) == (100,)
+    # Paging: the local group gets 1 sequence's window + chunk (4 + 1 + 2 = 7 blocks) and
+    # the global group the rest: (300 - 7 * 2) KiB = 286 blocks, vs 100 each.
+    assert split_kv_budget(300 << 10, layout, 1024, 4, max_num_seqs=1, chunk=8) == (286, 7)
+    # Many sequences: the local share is capped at the equal split, never more.
+    assert split_kv_budget(300 << 10, layout, 1024, 4, max_num_seqs=64, chunk=8) == (100, 100)
+
+
+# --------------------------------------------------------------------------------------------
 # Property test: the engine's call pattern under eviction pressure
 
 # Prompts are built from a few fixed blocks so that prefixes repeat and hit the cache.
@@ -506,24 +689,31 @@ LORAS = st.sampled_from([(), (), ("lora-x",)])
 class KVMachine(RuleBasedStateMachine):
     """Mirrors the engine: every request's tokens, its computed count and its next token.
 
-    ``physical`` simulates the backend's KV pool: each slot holds the (extra keys, token) whose
-    KV was written there, so prefix sharing across models/LoRAs, a missing copy-on-write or an
-    evicted-but-still-referenced block shows up as a request reading the wrong content.
+    ``physical`` simulates the backend's KV pools (one per KV group): each slot holds the
+    (extra keys, token) whose KV was written there, so prefix sharing across models/LoRAs, a
+    missing copy-on-write or an evicted-but-still-referenced block shows up as a request
+    reading the wrong content. ``WINDOWS`` are the KV groups' windows: with a windowed group,
+    each request must read back, there, every token of the window of its next token.
     """
+
+    WINDOWS: tuple[int, ...] = (0,)
 
     def __init__(self):
         super().__init__()
         self.kv: KVCacheManager
         self.tokens: dict[int, list[int]] = {}  # computed tokens of each running request
         self.pending: dict[int, int] = {}  # sampled token not fed back yet
+        self.start: dict[int, int] = {}  # first token written by its latest allocation
         self.lora: dict[int, tuple] = {}
         self.next_id = 0
-        self.physical: dict[int, list[tuple | None]] = {}
+        self.physical: list[dict[int, list[tuple | None]]] = []
 
-    @initialize(num_blocks=st.integers(12, 20))
-    def setup(self, num_blocks):
-        self.kv = KVCacheManager(num_blocks, block_size=BS, extra_keys=("tiny-model",))
-        self.physical = {i: [None] * BS for i in range(num_blocks)}
+    @initialize(num_blocks=st.integers(12, 20), window_blocks=st.integers(5, 14))
+    def setup(self, num_blocks, window_blocks):
+        counts = [num_blocks] + [window_blocks] * (len(self.WINDOWS) - 1)
+        self.kv = KVCacheManager(counts, block_size=BS, extra_keys=("tiny-model",),
+                                 windows=self.WINDOWS)
+        self.physical = [{i: [None] * BS for i in range(n)} for n in counts]
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -531,11 +721,13 @@ class KVMachine(RuleBasedStateMachine):
 
     def _run_step(self, rid: int, start: int, tokens: list[int]) -> None:
         # What the backend does: pending copies first, then the new tokens' KV.
-        for src, dst in self.kv.take_copies():
-            self.physical[dst] = list(self.physical[src])
-        table = self.kv.block_ids(rid)
-        for pos in range(start, len(tokens)):
-            self.physical[table[pos // BS]][pos % BS] = (self.lora[rid], tokens[pos])
+        for group, physical in enumerate(self.physical):
+            for src, dst in self.kv.take_copies(group):
+                physical[dst] = list(physical[src])
+            table = self.kv.block_ids(rid, group)
+            for pos in range(start, len(tokens)):
+                assert table[pos // BS] >= 0  # a new token never lands in a given-back block
+                physical[table[pos // BS]][pos % BS] = (self.lora[rid], tokens[pos])
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -552,8 +744,10 @@ class KVMachine(RuleBasedStateMachine):
             assert snapshot(self.kv) == before
             self.kv.free(rid)
             return
-        assert len(self.kv.block_ids(rid)) == -(-len(prompt) // BS)
+        for table in self.kv.block_tables(rid):
+            assert len(table) == -(-len(prompt) // BS)
         self.lora[rid] = lora
+        self.start[rid] = n
         self._run_step(rid, n, prompt)
         self.tokens[rid] = list(prompt)
         self.pending[rid] = prompt[-1]  # a "sampled" token; content is arbitrary
@@ -573,10 +767,29 @@ class KVMachine(RuleBasedStateMachine):
         if new is None:
             assert snapshot(self.kv) == before
             return
+        self.start[rid] = len(old)
         self._run_step(rid, len(old), tokens)
         self.tokens[rid] = tokens
         self.pending[rid] = data.draw(st.integers(0, 2))
         self.kv.cache_blocks(rid, tokens + [self.pending[rid]], len(tokens))
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), k=st.integers(2, 5), accepted=st.integers(0, 4))
+    def speculate(self, data, k, accepted):
+        """Slots for the pending token and k - 1 proposals, then the rejected ones back."""
+        rid = data.draw(st.sampled_from(sorted(self.tokens)))
+        old = self.tokens[rid]
+        tokens = old + [self.pending[rid]] + [1] * (k - 1)
+        if self.kv.allocate_slots(rid, tokens, k) is None:
+            return
+        self.start[rid] = len(old)
+        self._run_step(rid, len(old), tokens)
+        keep = len(old) + 1 + min(accepted, k - 1)
+        assert self.kv.window_intact(rid, keep)
+        self.kv.truncate(rid, keep)
+        self.tokens[rid] = tokens[:keep]
+        self.pending[rid] = data.draw(st.integers(0, 2))
+        self.kv.cache_blocks(rid, self.tokens[rid] + [self.pending[rid]], keep)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -584,9 +797,10 @@ class KVMachine(RuleBasedStateMachine):
         parent = data.draw(st.sampled_from(sorted(self.tokens)))
         child = self._new_id()
         self.kv.fork(parent, child)
-        assert self.kv.block_ids(child) == self.kv.block_ids(parent)
+        assert self.kv.block_tables(child) == self.kv.block_tables(parent)
         self.tokens[child] = list(self.tokens[parent])
         self.lora[child] = self.lora[parent]
+        self.start[child] = self.start[parent]
         self.pending[child] = data.draw(st.integers(0, 2))
 
     @precondition(lambda self: self.tokens)
@@ -594,7 +808,7 @@ class KVMachine(RuleBasedStateMachine):
     def free(self, data):
         rid = data.draw(st.sampled_from(sorted(self.tokens)))
         self.kv.free(rid)
-        del self.tokens[rid], self.pending[rid], self.lora[rid]
+        del self.tokens[rid], self.pending[rid], self.lora[rid], self.start[rid]
         assert rid not in self.kv
 
     @rule()
@@ -609,24 +823,33 @@ class KVMachine(RuleBasedStateMachine):
     def consistent(self):
         kv = self.kv
         kv.check_invariants()
-        pool = kv.pool
-        assert kv.num_free_blocks + pool.num_used_blocks == kv.num_blocks
-        holders = [0] * kv.num_blocks
-        for rid, tokens in self.tokens.items():
-            table = kv.block_ids(rid)
-            assert kv.num_tokens(rid) == len(tokens)
-            assert len(table) == -(-len(tokens) // BS)
-            for i, block_id in enumerate(table):
-                holders[block_id] += 1
-                if (i + 1) * BS > len(tokens):
-                    assert pool.blocks[block_id].block_hash is None  # partial: never hashed
-            # Every computed token reads back through the table as this request wrote it.
-            read = [self.physical[table[p // BS]][p % BS] for p in range(len(tokens))]
-            assert read == [(self.lora[rid], t) for t in tokens]
-        for block in pool.blocks:
-            assert block.ref_cnt == holders[block.block_id]
-            assert not (block in pool.free_queue and holders[block.block_id])
-        assert kv.take_copies() == []  # every copy was consumed by the step that made it
+        assert kv.num_free_blocks + kv.pool.num_used_blocks == kv.num_blocks
+        for group, (pool, physical) in enumerate(zip(kv.pools, self.physical, strict=True)):
+            window = self.WINDOWS[group]
+            holders = [0] * pool.num_blocks
+            for rid, tokens in self.tokens.items():
+                table = kv.block_ids(rid, group)
+                assert kv.num_tokens(rid) == len(tokens)
+                assert len(table) == -(-len(tokens) // BS)
+                for i, block_id in enumerate(table):
+                    if block_id < 0:
+                        continue
+                    holders[block_id] += 1
+                    if (i + 1) * BS > len(tokens):
+                        assert pool.blocks[block_id].block_hash is None  # partial: never hashed
+                # Every computed token the next one reads back through the table as this
+                # request wrote it (with a window, the window of the next token).
+                first = max(0, len(tokens) - window + 1) if window else 0
+                read = [physical[table[p // BS]][p % BS] for p in range(first, len(tokens))]
+                assert read == [(self.lora[rid], t) for t in tokens[first:]]
+                # Exactly the blocks wholly before the window of the latest allocation's first
+                # token were given back (none in a full-attention group).
+                lo = max(0, self.start[rid] - window + 1) // BS if window else 0
+                assert all(b < 0 for b in table[:lo]) and all(b >= 0 for b in table[lo:])
+            for block in pool.blocks:
+                assert block.ref_cnt == holders[block.block_id]
+                assert not (block in pool.free_queue and holders[block.block_id])
+            assert kv.take_copies(group) == []  # every copy was consumed by its step
 
     def teardown(self):
         if not hasattr(self, "kv"):
@@ -634,8 +857,15 @@ class KVMachine(RuleBasedStateMachine):
         for rid in list(self.tokens):
             self.kv.free(rid)
         self.kv.check_invariants()
-        assert self.kv.num_free_blocks == self.kv.num_blocks
-        assert self.kv.pool.usage == 0.0 and self.kv.stats()["requests"] == 0
+        for pool in self.kv.pools:
+            assert pool.num_free_blocks == pool.num_blocks and pool.usage == 0.0
+        assert self.kv.stats()["requests"] == 0
+
+
+class WindowKVMachine(KVMachine):
+    """The same with a sliding-window group (window 6: 1.5 blocks) beside the full one."""
+
+    WINDOWS = (0, 6)
 
 
 KVMachine.TestCase.settings = settings(
@@ -645,3 +875,5 @@ KVMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_kv_state_machine = KVMachine.TestCase
+WindowKVMachine.TestCase.settings = KVMachine.TestCase.settings
+test_kv_state_machine_with_a_window_group = WindowKVMachine.TestCase

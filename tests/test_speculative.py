@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_engine import mixed_prompts, run_all
-from tiny import tiny_config, write_model
+from tiny import tiny_config, tiny_gemma_config, write_model
 
 from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
@@ -90,6 +90,32 @@ def test_greedy_with_speculation_equals_plain(model_dir, bad_draft_dir, name, me
         st = eng.stats()
         assert st["spec_proposed_tokens"] > 0
         assert 0 <= st["spec_accepted_tokens"] < st["spec_proposed_tokens"]
+
+
+def test_speculation_with_sliding_window_paging(tmp_path):
+    """A Gemma-shaped target and draft whose local layers page a window of 6 tokens (1.5
+    blocks of 4): prompt lookup and draft proposals (k = 8, more than the window, so the
+    draft's own window moves past what a rejection takes it back to) give the plain output."""
+    md = ModelDir(write_model(tmp_path / "g", tiny_gemma_config(sliding_window=6)))
+    draft_md = ModelDir(write_model(tmp_path / "d", tiny_gemma_config(sliding_window=6), seed=7))
+    reqs = [(p, GREEDY) for p in repetitive_prompts(md.config.vocab_size, 6)]
+
+    def make(config=None, draft=None):
+        return Engine(backend("numpy", md, block_size=4), md.tokenizer,
+                      context_length=md.config.context_length, model_id="tiny",
+                      speculative=config,
+                      draft_backend=backend("numpy", draft, block_size=4) if draft else None)
+
+    plain = run_all(make(), reqs)
+    for method, k in (("prompt_lookup", 8), ("draft", 8), ("draft", 3)):
+        eng = make(spec(method, k), draft_md if method == "draft" else None)
+        assert eng.kv.windows == (0, 6)
+        assert run_all(eng, reqs) == plain, (method, k)
+        assert eng.stats()["spec_proposed_tokens"] > 0
+        if method == "draft":
+            draft_kv = eng.spec.draft.kv
+            assert draft_kv.windows == (0, 6)
+            assert all(p.num_free_blocks == p.num_blocks for p in draft_kv.pools)
 
 
 def test_draft_identical_to_target_accepts_everything(model_dir):

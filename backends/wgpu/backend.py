@@ -36,10 +36,11 @@ class WgpuBackend(Backend):
     # KV is f16 or f32 by the chosen dtype: kv_bytes_per_token asks the adapter.
     capabilities = Capabilities(device_topk=True, packed_bits=PACKED_BITS)
 
-    def __init__(self, model_dir: ModelDir, *, num_blocks: int, block_size: int = 16,
-                 options: WgpuOptions | None = None, max_binding: int | None = None):
+    def __init__(self, model_dir: ModelDir, *, num_blocks, block_size: int = 16,
+                 options: WgpuOptions | None = None, max_binding: int | None = None,
+                 kv_layout=None):
         super().__init__(model_dir, num_blocks=num_blocks, block_size=block_size,
-                         options=options)
+                         options=options, kv_layout=kv_layout)
         opts: WgpuOptions = self.options
         adapter = choose_adapter(opts.adapter)
         self.dtype_name = choose_dtype(adapter, opts.dtype)
@@ -47,13 +48,18 @@ class WgpuBackend(Backend):
         self.dev = get_device(adapter, self.f16)
         self.adapter_info = self.dev.info
         self.max_binding = min(max_binding or self.dev.max_binding, self.dev.max_binding)
-        # The KV pool first: a pool the adapter cannot bind fails before the weights load.
-        self.kv = KVPool(self.dev, self.config, num_blocks=num_blocks, block_size=block_size,
-                         f16=self.f16, max_binding=self.max_binding)
-        self.ops = WgpuOps(self.dev, self.kv, f16=self.f16, block_size=block_size,
+        # The KV pools first (one per KV group): a pool the adapter cannot bind fails before
+        # the weights load.
+        self.kv_pools = [
+            KVPool(self.dev, self.config, num_blocks=blocks, block_size=block_size, f16=self.f16,
+                   max_binding=self.max_binding, layers=len(self.kv_layout.layers(g)))
+            for g, blocks in enumerate(self.group_blocks)]
+        self.kv = self.kv_pools[0]
+        self.ops = WgpuOps(self.dev, self.kv_pools, f16=self.f16, block_size=block_size,
                            max_binding=self.max_binding,
                            max_positions=min(self.config.max_position_embeddings,
-                                             num_blocks * block_size))  # the pool's reach
+                                             self.num_blocks * block_size),  # the pool's reach
+                           layer_pools=self.layer_pools)
         loader = WgpuLoader(self.dev, model_dir, f16=self.f16, max_binding=self.max_binding)
         self.params = self.model.load_params(model_dir, loader)
         self.ops.flush()
@@ -112,28 +118,32 @@ class WgpuBackend(Backend):
         return self.ops.to_host(x)
 
     def forward(self, batch: BatchInput) -> np.ndarray:
+        self.check_batch(batch)
         return self.model.forward(self.ops, self.params, batch)
 
     def forward_topk(self, batch: BatchInput, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`forward`, but returns the top-``k`` (ids, logits) of each row asked
         for, selected on the GPU (greedy decoding reads back a few bytes per row)."""
+        self.check_batch(batch)
         ops = TopkOps(self.ops, k)
         self.model.forward(ops, self.params, batch)
         return ops.result
 
     # -- KV blocks ---------------------------------------------------------------------------
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        self.kv.copy(pairs, self.ops)
+    def copy_blocks(self, pairs: list[tuple[int, int]], group: int = 0) -> None:
+        self.kv_pools[group].copy(pairs, self.ops)
 
-    def read_blocks(self, block_ids: list[int]) -> np.ndarray:
+    def read_blocks(self, block_ids: list[int], group: int = 0) -> np.ndarray:
         if not len(block_ids):
-            return np.zeros(self.kv_block_shape(0), F32)
-        return self.kv.read(block_ids, self.ops).reshape(self.kv_block_shape(len(block_ids)))
+            return np.zeros(self.kv_block_shape(0, group), F32)
+        return self.kv_pools[group].read(block_ids, self.ops).reshape(
+            self.kv_block_shape(len(block_ids), group))
 
-    def write_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
-        self.kv.write(block_ids, data, self.ops)
+    def write_blocks(self, block_ids: list[int], data: np.ndarray, group: int = 0) -> None:
+        self.kv_pools[group].write(block_ids, data, self.ops)
 
     def close(self) -> None:
         self.ops.flush()
-        self.kv.destroy()
+        for pool in self.kv_pools:
+            pool.destroy()
         self.params = None

@@ -116,6 +116,11 @@ class Device:
         self._keep.append(buf)  # pooled buffers live as long as the device (ids stay unique)
         return buf
 
+    def keep(self, buf) -> Any:
+        """Keep ``buf`` alive as long as the device (bind groups are cached by buffer id)."""
+        self._keep.append(buf)
+        return buf
+
     def give(self, buf) -> None:
         """Return a pooled buffer."""
         self._free[(buf.size, buf.usage)].append(buf)

@@ -2,7 +2,8 @@
 
 A layer's K (and V) pool is one buffer per part of at most one storage binding; parts hold
 whole blocks, and the KV kernels bind every part (block table lookups pick the part). New
-buffers are zero-filled by WebGPU, so there is no first-touch cost later.
+buffers are zero-filled by WebGPU, so there is no first-touch cost later. A model with KV
+groups (``ondevice.kv.layout``) has one pool per group, over that group's layers.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ F32 = np.float32
 
 
 class KVPool:
-    """K and V of every layer: ``k[layer][part]``, ``v[layer][part]``, ``blocks_per_part``
-    blocks of ``block_size`` tokens each, stored as f16 or f32 (``kv_type``)."""
+    """K and V of ``layers`` layers (default: every layer of the model): ``k[layer][part]``,
+    ``v[layer][part]``, ``blocks_per_part`` blocks of ``block_size`` tokens each, stored as
+    f16 or f32 (``kv_type``)."""
 
     def __init__(self, dev: Device, config: ModelConfig, *, num_blocks: int, block_size: int,
-                 f16: bool, max_binding: int):
+                 f16: bool, max_binding: int, layers: int | None = None):
         self.dev = dev
         self.config = config
         self.num_blocks = num_blocks
@@ -53,7 +55,7 @@ class KVPool:
         usage = BUF.STORAGE | BUF.COPY_SRC | BUF.COPY_DST
         sizes = [max(16, -(-min(self.blocks_per_part, num_blocks - first) * block_bytes // 16)
                      * 16) for first in range(0, num_blocks, self.blocks_per_part)]
-        layers = config.num_hidden_layers
+        self.layers = layers = config.num_hidden_layers if layers is None else layers
         self.k = [[dev.device.create_buffer(size=n, usage=usage) for n in sizes]
                   for _ in range(layers)]
         self.v = [[dev.device.create_buffer(size=n, usage=usage) for n in sizes]
@@ -111,7 +113,7 @@ class KVPool:
         """float32 ``[layers, 2, n, block_size * kv_heads * head_dim]`` of these blocks."""
         ids = self._check_ids(block_ids)
         n, bb = len(ids), self.block_bytes
-        layers = self.config.num_hidden_layers
+        layers = self.layers
         total = layers * 2 * n * bb
         stage = self.dev.take(total, BUF.STORAGE | BUF.COPY_SRC | BUF.COPY_DST)
         enc = rec.commands()
@@ -133,7 +135,7 @@ class KVPool:
         if not n:
             return
         rec.flush()  # writes land before commands; nothing may be pending
-        layers = self.config.num_hidden_layers
+        layers = self.layers
         data = np.asarray(data, dtype=np.float16 if self.f16 else F32).reshape(layers, 2, n, -1)
         bb = self.block_bytes
         for layer in range(layers):

@@ -37,12 +37,15 @@ def rope_table(inv_freq: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]
 
 
 class WgpuOps(StepRecorder):
-    """The ``Ops`` protocol on ``dev``, the KV pool ``kv`` and ``f16`` storage."""
+    """The ``Ops`` protocol on ``dev``, the KV pools ``kv`` (one per KV group; layer i in
+    pool ``layer_pools[i] = (group, index)``) and ``f16`` storage."""
 
-    def __init__(self, dev: Device, kv: KVPool, *, f16: bool, block_size: int,
-                 max_binding: int, max_positions: int):
+    def __init__(self, dev: Device, kv: list[KVPool], *, f16: bool, block_size: int,
+                 max_binding: int, max_positions: int,
+                 layer_pools: list[tuple[int, int]] | None = None):
         super().__init__(dev)
         self.kv = kv
+        self.layer_pools = layer_pools or [(0, i) for i in range(kv[0].layers)]
         self.f16 = f16
         self.block_size = block_size
         self.max_binding = max_binding
@@ -67,10 +70,11 @@ class WgpuOps(StepRecorder):
             self._rope[inv.tobytes()] = hit
         return hit[0], hit[1]
 
-    def attention_inputs(self, batch: BatchInput) -> list[Any]:
-        """The step's attention metadata on the device (block tables, sequence lengths, query
-        start offsets, positions): uploaded by the first layer, reused by the rest."""
-        return [self.ints(batch.block_tables), self.ints(batch.seq_lens),
+    def attention_inputs(self, batch: BatchInput, layer: int = 0) -> list[Any]:
+        """The step's attention metadata on the device (``layer``'s KV group's block tables,
+        sequence lengths, query start offsets, positions): uploaded by the first layer that
+        needs each, reused by the rest."""
+        return [self.ints(batch.tables_for(layer)), self.ints(batch.seq_lens),
                 self.ints(batch.query_start_loc), self.ints(batch.positions)]
 
     # -- the protocol ------------------------------------------------------------------------
@@ -171,12 +175,13 @@ class WgpuOps(StepRecorder):
     def write_kv(self, layer: int, k: GTensor, v: GTensor, slot_mapping: np.ndarray) -> None:
         if k.rows == 0:
             return
-        kv = self.kv
+        group, index = self.layer_pools[layer]
+        kv = self.kv[group]
         n = k.rows * k.cols
         subst = self.subst(kv.kv_type) | {"POOLS": kv.write_code}
         self.dispatch("kv_write", subst, None,
                       (k.rows, k.cols, self.block_size, kv.blocks_per_part),
-                      [k.buf, v.buf, self.ints(slot_mapping), *kv.layer_buffers(layer)],
+                      [k.buf, v.buf, self.ints(slot_mapping), *kv.layer_buffers(index)],
                       (*grid(-(-n // 256)), 1))
 
     def paged_attention(self, layer: int, q: GTensor, batch: BatchInput, heads: int,
@@ -187,15 +192,16 @@ class WgpuOps(StepRecorder):
         if q.rows > MAX_GROUPS:
             raise WgpuError(f"paged_attention: {q.rows} query rows in one step "
                             f"(at most {MAX_GROUPS})")
-        kv = self.kv
+        group, index = self.layer_pools[layer]
+        kv = self.kv[group]
         subst = self.subst(kv.kv_type) | {"G": heads // kv_heads, "HD": head_dim,
                                           "DPT": -(-head_dim // 64),
                                           "POOLS": kv.attention_code}
-        params = (kv_heads, self.block_size, batch.block_tables.shape[1], batch.num_seqs,
+        params = (kv_heads, self.block_size, batch.tables_for(layer).shape[1], batch.num_seqs,
                   float(scale), kv.blocks_per_part, int(window))
         self.dispatch("paged_attention", subst, None, params,
-                      [q.buf, *self.attention_inputs(batch), out.buf,
-                       *kv.layer_buffers(layer)], (q.rows, kv_heads, 1))
+                      [q.buf, *self.attention_inputs(batch, layer), out.buf,
+                       *kv.layer_buffers(index)], (q.rows, kv_heads, 1))
         return out
 
     def _elementwise(self, shader: str, a: GTensor, b: GTensor) -> GTensor:

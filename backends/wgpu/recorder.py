@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import wgpu
 
-from .device import ACT, BUF, PARAM_CACHE, UPLOAD, Device, GTensor, pipeline_key
+from .device import ACT, BUF, PARAM_CACHE, UPLOAD, Device, GTensor, pipeline_key, pool_size
 
 F32 = np.float32
 MAX_GROUPS = 65535  # workgroups per grid dimension (the WebGPU default limit)
@@ -37,6 +37,8 @@ class StepRecorder:
         self._encoder = None
         self._pass = None
         self._uploads: list[Any] = []
+        # Upload buffers of their own, by size: reused only after the step was submitted.
+        self._upload_free: dict[int, list[Any]] = {}
         self._step: dict[int, tuple[Any, Any]] = {}
         self._groups: dict[tuple, Any] = {}
         self._dummy = dev.buffer(np.zeros(4, F32))
@@ -95,9 +97,13 @@ class StepRecorder:
     def upload(self, a: np.ndarray) -> Any:
         """A buffer holding host data for this step. Upload buffers are written with
         ``queue.write_buffer``, which lands before the step's commands run, so they are not
-        reused until the step is submitted."""
+        reused until the step is submitted; nor may an upload take a buffer that this step's
+        commands still write (an activation freed earlier in the step would overwrite the
+        upload when the commands run), so they come from a pool of their own."""
         raw = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-        buf = self.dev.take(raw.size, UPLOAD)
+        free = self._upload_free.get(pool_size(raw.size))
+        buf = free.pop() if free else self.dev.keep(
+            self.device.create_buffer(size=pool_size(raw.size), usage=UPLOAD))
         if raw.size:
             if raw.size % 4:
                 raw = np.concatenate([raw, np.zeros(4 - raw.size % 4, np.uint8)])
@@ -151,8 +157,10 @@ class StepRecorder:
         if sync:
             out.clear()
         t2 = time.perf_counter()
-        for buf in self._uploads:
-            self.dev.give(buf)
+        # Back in reverse, so that the next step of the same shape pops them in the same order
+        # (and finds its bind groups cached).
+        for buf in reversed(self._uploads):
+            self._upload_free.setdefault(buf.size, []).append(buf)
         self._uploads.clear()
         self.dev.new_step()
         self._step.clear()

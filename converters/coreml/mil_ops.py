@@ -83,6 +83,10 @@ class SymbolicBatch:
     seq_len: Any  # int32 [1]
     logits_indices: Any | None  # int32 [1] (last row), or None for every row
 
+    def slots_for(self, layer: int) -> Any:
+        """Every layer writes through the one slot mapping (a package has one KV group)."""
+        return self.slot_mapping
+
 
 class MilOps:
     """Every op of the ``Ops`` protocol, emitting MIL ops into the current program."""

@@ -22,6 +22,7 @@ from ..batch import BatchInput
 from ..converters.coreml.exporter import read_manifest
 from ..converters.coreml.interpreter import MILInterpreter
 from ..errors import ModelFormatError, OndeviceError
+from ..kv.layout import KVLayout
 from ..modeldir import ModelDir
 
 PROMPT = "The capital of France is Paris. Once upon a time there was a tiny model that"
@@ -149,7 +150,9 @@ def verify_coreml(
         interp = MILInterpreter.open(package)
         report.op_types = sorted(interp.program.op_types)
         state = interp.make_state()
-        ref = NumpyBackend(md, num_blocks=nb, block_size=bs)
+        # The package has one KV state for all layers: so has the reference (no KV groups).
+        ref = NumpyBackend(md, num_blocks=nb, block_size=bs,
+                           kv_layout=KVLayout.single(c.num_hidden_layers))
         # A non-trivial block table: the sequence's blocks, shuffled over the whole pool.
         rng = np.random.default_rng(seed)
         needed = -(-total // bs)

@@ -45,11 +45,16 @@ class Engine:
         self.backend = backend
         self.tokenizer = tokenizer
         self.block_size = backend.block_size
-        self.kv = KVCacheManager(backend.num_blocks, backend.block_size,
-                                 enable_caching=enable_prefix_caching, extra_keys=(model_id,))
+        # One block table per KV group of the backend's pools (see ondevice.kv.layout).
+        layout = backend.kv_layout
+        self.layer_groups = layout.layer_group if layout.num_groups > 1 else ()
+        self.kv = KVCacheManager(backend.group_blocks, backend.block_size,
+                                 enable_caching=enable_prefix_caching, extra_keys=(model_id,),
+                                 windows=layout.windows)
         self.model_id = model_id
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
-        self.context_limit = min(context_length, backend.num_blocks * backend.block_size)
+        chunk = max_num_batched_tokens + (speculative.num_tokens if speculative else 0)
+        self.context_limit = min(context_length, self.kv.reach(chunk))
         self.vocab_size = backend.config.vocab_size
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -159,9 +164,10 @@ class Engine:
             {seq: (len(props), pinned) for seq, (props, pinned) in lookups.items()})
         if not sched.scheduled:
             return []
-        copies = self.kv.take_copies()
-        if copies:
-            self.backend.copy_blocks(copies)
+        for group in range(self.kv.num_groups):
+            copies = self.kv.take_copies(group)
+            if copies:
+                self.backend.copy_blocks(copies, group)
         proposals = self._proposals(sched.spec, lookups) if sched.spec else {}
         entries, wants = [], []
         for seq, n in sched.scheduled:
@@ -170,10 +176,11 @@ class Engine:
             if len(props) < sched.spec.get(seq, 0):  # fewer proposals than slots: give back
                 self.kv.truncate(seq.seq_id, start + n + len(props))
             entries.append((seq.token_ids[start:start + n] + props, start,
-                            self.kv.block_ids(seq.seq_id)))
+                            self.kv.batch_tables(seq.seq_id)))
             # Rows whose logits are needed: the last token's, plus one per proposal.
             wants.append(1 + len(props) if start + n == len(seq.token_ids) else 0)
-        batch = BatchInput.build(entries, self.block_size, logits_for=wants)
+        batch = BatchInput.build(entries, self.block_size, logits_for=wants,
+                                 layer_groups=self.layer_groups)
         sampled = [seq for (seq, _), w in zip(sched.scheduled, wants, strict=True) if w]
         pending = self._start_masks(sampled)
         began = time.perf_counter()
@@ -415,6 +422,16 @@ class Engine:
         window = (now - self._generated[0][0]) if len(self._generated) > 1 else 0.0
         tps = (sum(n for _, n in self._generated) - 1) / window if window > 0 else 0.0
         queries = kv["prefix_queries"]
+        # KV bytes per group: group 0 the full-attention layers, group 1 (when the model has
+        # sliding-window layers) the windowed ones, whose blocks leave with the window.
+        groups: dict[str, int] = {}
+        block_bytes = self.backend.kv_group_block_bytes()
+        for g, (info, nbytes) in enumerate(zip(kv["groups"], block_bytes, strict=True)):
+            groups[f"kv_group{g}_window"] = info["window"]
+            groups[f"kv_group{g}_blocks_total"] = info["blocks_total"]
+            groups[f"kv_group{g}_blocks_used"] = info["blocks_used"]
+            groups[f"kv_group{g}_bytes_total"] = info["blocks_total"] * nbytes
+            groups[f"kv_group{g}_bytes_used"] = info["blocks_used"] * nbytes
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -423,6 +440,9 @@ class Engine:
             "kv_blocks_free": kv["blocks_free"],
             "kv_blocks_cached_free": kv["blocks_cached_free"],
             "kv_block_size": self.block_size,
+            "kv_bytes_total": sum(v for k, v in groups.items() if k.endswith("_bytes_total")),
+            "kv_bytes_used": sum(v for k, v in groups.items() if k.endswith("_bytes_used")),
+            **groups,
             "kv_utilization": round(self.kv_utilization(), 4),
             "prefix_cache_queries": queries,
             "prefix_cache_hits": kv["prefix_hits"],
@@ -452,8 +472,9 @@ def score_tokens(engine: Engine, token_ids: list[int], *, logits_for: str = "all
             part = token_ids[done:done + chunk]
             if engine.kv.allocate_slots(rid, token_ids, len(part)) is None:
                 raise RequestError(f"not enough free KV blocks for {len(token_ids)} tokens")
-            batch = BatchInput.build([(part, done, engine.kv.block_ids(rid))], engine.block_size,
-                                     logits_for=logits_for)
+            batch = BatchInput.build([(part, done, engine.kv.batch_tables(rid))],
+                                     engine.block_size, logits_for=logits_for,
+                                     layer_groups=engine.layer_groups)
             rows.append(engine.backend.forward(batch))
             done += len(part)
             if register:

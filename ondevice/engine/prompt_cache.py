@@ -4,6 +4,11 @@ into the pool, so that a later process skips that prefill (a long system prompt,
 File: ``kv`` float32 ``[layers, 2, blocks, block_size, kv_heads, head_dim]`` and ``token_ids``
 int32, with ``__metadata__`` naming the format, the model id and the block size. Loading
 checks all three against the running engine before a block is touched.
+
+With KV groups (``ondevice.kv.layout``), ``kv`` holds group 0's layers (the full-attention
+ones) and ``kv.<g>`` each windowed group's layers, for its last blocks only: those a request
+continuing after the saved prefix reads (the earlier ones left the window). A request whose
+prompt leaves the prefix earlier gets a shorter prefix hit, or none.
 """
 
 from __future__ import annotations
@@ -20,16 +25,24 @@ from .engine import Engine, score_tokens
 FORMAT = "ondevice-prompt-cache-1"
 
 
-def _cached_blocks(engine: Engine, token_ids: list[int]) -> list[int]:
-    """Block ids holding the prefix's full blocks, as long as they are cached."""
-    hashes = hash_request_blocks(token_ids, engine.block_size, engine.kv.extra_keys)
+def _cached_blocks(engine: Engine, token_ids: list[int]) -> list[list[int]] | None:
+    """Per KV group, the ids of the cached blocks that a full hit on ``token_ids`` (whole
+    blocks) needs: all of group 0's, the last window's of windowed groups; None if one of
+    them is not cached."""
+    kv = engine.kv
+    hashes = hash_request_blocks(token_ids, engine.block_size, kv.extra_keys)
     out = []
-    for h in hashes:
-        block = engine.kv.pool.get_cached_block(h)
-        if block is None:
-            break
-        out.append(block.block_id)
+    for group, pool in enumerate(kv.pools):
+        blocks = [pool.get_cached_block(h)
+                  for h in hashes[kv.window_start(group, len(token_ids)):]]
+        if any(b is None for b in blocks):
+            return None
+        out.append([b.block_id for b in blocks])
     return out
+
+
+def _name(group: int) -> str:
+    return "kv" if group == 0 else f"kv.{group}"
 
 
 def save_prompt_cache(engine: Engine, token_ids: list[int], path: str | Path) -> int:
@@ -41,21 +54,26 @@ def save_prompt_cache(engine: Engine, token_ids: list[int], path: str | Path) ->
         raise RequestError(f"a prompt cache needs at least one full block ({engine.block_size} tokens)")
     engine.validate(token_ids[:num])
     prefix = token_ids[:num]
-    blocks = _cached_blocks(engine, prefix)
-    if len(blocks) * engine.block_size < num:
+    groups = _cached_blocks(engine, prefix)
+    if groups is None:
         score_tokens(engine, prefix, logits_for="last", register=True)
-        blocks = _cached_blocks(engine, prefix)
-    kv = engine.backend.read_blocks(blocks)
+        groups = _cached_blocks(engine, prefix)
+        if groups is None:  # evicted again at once: the pool is far too small
+            raise RequestError(f"not enough free KV blocks to keep {num} tokens cached")
+    kvs = [engine.backend.read_blocks(blocks, g) for g, blocks in enumerate(groups)]
     try:
         writer = SafetensorsWriter(
-            path, [("kv", np.float32, kv.shape), ("token_ids", np.int32, (num,))],
+            path, [*((_name(g), np.float32, kv.shape) for g, kv in enumerate(kvs)),
+                   ("token_ids", np.int32, (num,))],
             metadata={"format": FORMAT, "model_id": engine.model_id,
-                      "block_size": str(engine.block_size), "num_tokens": str(num)},
+                      "block_size": str(engine.block_size), "num_tokens": str(num),
+                      "kv_groups": str(len(kvs))},
         )
     except OSError as err:  # a missing directory, no permission, a full disk
         raise RequestError(f"cannot write the prompt cache {path}: {_os_reason(err)}") from None
     try:
-        writer.write("kv", kv.astype(np.float32, copy=False))
+        for g, kv in enumerate(kvs):
+            writer.write(_name(g), kv.astype(np.float32, copy=False))
         writer.write("token_ids", np.asarray(prefix, dtype=np.int32))
         writer.close()
     except OSError as err:
@@ -95,25 +113,33 @@ def load_prompt_cache(engine: Engine, path: str | Path) -> int:
                 f"{list(f.shape('token_ids'))}"
             )
         token_ids = [int(t) for t in f.get("token_ids")]
-        kv = f.get("kv")
-        expected = engine.backend.kv_block_shape(len(token_ids) // engine.block_size)
-        if len(token_ids) % engine.block_size or tuple(kv.shape) != expected:
-            raise ModelFormatError(
-                f"{path}: kv shape {list(kv.shape)} does not fit {len(token_ids)} tokens "
-                f"(expected {list(expected)})"
-            )
+        n, bs, kvm = len(token_ids), engine.block_size, engine.kv
+        if meta.get("kv_groups", "1") != str(kvm.num_groups) or any(
+                _name(g) not in f for g in range(kvm.num_groups)):
+            raise RequestError(f"{path}: the prompt cache has {meta.get('kv_groups', '1')} KV "
+                               f"group(s), the engine {kvm.num_groups}")
+        kvs = [f.get(_name(g)) for g in range(kvm.num_groups)]
+        for g, kv in enumerate(kvs):
+            expected = engine.backend.kv_block_shape(n // bs - kvm.window_start(g, n), g)
+            if n % bs or f.dtype(_name(g)) != "F32" or tuple(kv.shape) != expected:
+                raise ModelFormatError(
+                    f"{path}: {_name(g)} shape {list(kv.shape)} does not fit {n} tokens "
+                    f"(expected {list(expected)})"
+                )
         engine.validate(token_ids)
         # NaN/Inf in the KV would poison every request that reuses these cached blocks (and
         # stay cached): refuse the file before a block is allocated.
-        if not np.isfinite(kv).all():
+        if not all(np.isfinite(kv).all() for kv in kvs):
             raise ModelFormatError(f"{path}: the prompt cache holds NaN or infinite KV values")
-        rid = f"prompt-cache-load-{id(kv)}"
+        rid = f"prompt-cache-load-{id(kvs)}"
         try:
-            if engine.kv.allocate_slots(rid, token_ids, len(token_ids)) is None:
-                raise RequestError(f"not enough free KV blocks to load {len(token_ids)} tokens")
-            engine.backend.write_blocks(engine.kv.block_ids(rid), kv)
-            engine.kv.cache_blocks(rid, token_ids, len(token_ids))
+            tables = kvm.allocate_prefix(rid, token_ids)
+            if tables is None:
+                raise RequestError(f"not enough free KV blocks to load {n} tokens")
+            for g, (table, kv) in enumerate(zip(tables, kvs, strict=True)):
+                engine.backend.write_blocks([b for b in table if b >= 0], kv, g)
+            kvm.cache_blocks(rid, token_ids, n)
         finally:
-            engine.kv.free(rid)
+            kvm.free(rid)
     return len(token_ids)
 

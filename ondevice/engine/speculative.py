@@ -178,9 +178,12 @@ class DraftModel:
     def __init__(self, backend, *, max_num_batched_tokens: int, context_length: int):
         self.backend = backend
         self.block_size = backend.block_size
-        self.kv = KVCacheManager(backend.num_blocks, backend.block_size, enable_caching=False)
+        layout = backend.kv_layout
+        self.layer_groups = layout.layer_group if layout.num_groups > 1 else ()
+        self.kv = KVCacheManager(backend.group_blocks, backend.block_size, enable_caching=False,
+                                 windows=layout.windows)
         self.budget = max_num_batched_tokens
-        self.context_limit = min(context_length, backend.num_blocks * backend.block_size)
+        self.context_limit = min(context_length, self.kv.reach(max_num_batched_tokens))
         self.computed: dict[str, int] = {}
         self._rngs: dict[str, np.random.Generator] = {}
         self.num_forwards = 0
@@ -196,6 +199,11 @@ class DraftModel:
         """Keep the draft's KV for the first ``num_valid`` tokens of the sequence only."""
         done = self.computed.get(seq_id)
         if done is not None and num_valid < done:
+            if not self.kv.window_intact(seq_id, num_valid):
+                # Its proposal steps moved a sliding window past blocks the next token reads
+                # (more proposals than the window is long): catch up from scratch instead.
+                self.release(seq_id)
+                return
             self.kv.truncate(seq_id, num_valid)
             self.computed[seq_id] = num_valid
 
@@ -230,14 +238,15 @@ class DraftModel:
                     st.failed = True
                     self.release(sid)
                     continue
-                entries.append((st.toks[done:done + take], done, self.kv.block_ids(sid)))
+                entries.append((st.toks[done:done + take], done, self.kv.batch_tables(sid)))
                 wanted.append(done + take == len(st.toks))
                 owners.append((seq, st))
                 self.computed[sid] = done + take
                 budget -= take
             if not entries:
                 break
-            batch = BatchInput.build(entries, self.block_size, logits_for=wanted)
+            batch = BatchInput.build(entries, self.block_size, logits_for=wanted,
+                                     layer_groups=self.layer_groups)
             began = time.perf_counter()
             logits = self.backend.forward(batch)
             if batch.num_tokens == len(entries):  # decode rows only, not a catch-up chunk

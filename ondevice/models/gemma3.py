@@ -188,7 +188,7 @@ class Gemma3Model:
             q = ops.rope(q, pos, layer.inv_freq, nh, hd)  # [T, nh*hd]
             k = ops.rope(k, pos, layer.inv_freq, nkv, hd)  # [T, nkv*hd]
             v = ops.linear(x, layer.v_proj)  # [T, nkv*hd]
-            ops.write_kv(i, k, v, batch.slot_mapping)
+            ops.write_kv(i, k, v, batch.slots_for(i))  # the slots of the layer's KV group
             a = ops.paged_attention(i, q, batch, nh, nkv, hd, self.scale, window=layer.window)
             a = ops.rms_norm(ops.linear(a, layer.o_proj), layer.post_attn_norm, eps)
             h = ops.add(h, a)  # [T, hidden]
