@@ -218,3 +218,81 @@ def test_prompt_cache_with_window_paging(tmp_path):
                     md.tokenizer, context_length=md.config.context_length, model_id="tiny")
     with pytest.raises(ondevice.RequestError, match="KV group"):
         load_prompt_cache(single, path)
+
+
+# -- chat on an instruction-tuned checkpoint ----------------------------------------------------
+# The turn format of Gemma 3's instruction-tuned checkpoints (their tokenizer_config / GGUF
+# ``tokenizer.chat_template``): an optional system message folded into the first user turn,
+# roles that must alternate, "assistant" written as "model", content as text or typed parts.
+GEMMA_IT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+  {%- if messages[0]['content'] is string -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+  {%- else -%}
+    {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+  {%- endif -%}
+  {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+  {%- set first_user_prefix = '' -%}
+  {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+  {%- endif -%}
+  {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+  {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}
+  {%- if message['content'] is string -%}
+    {{ message['content'] | trim }}
+  {%- else -%}
+    {%- for item in message['content'] -%}
+      {%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
+
+
+def test_instruct_gemma_chat_template_turns_and_end_of_turn(gemma_f32_dir, tmp_path):
+    """The real Gemma 3 vocabulary with the instruction-tuned turn format: the rendered
+    conversation, one BOS, <start_of_turn>/<end_of_turn> as single special ids, <end_of_turn>
+    ending generation, and a template error as a one-line TokenizerError. The same directory
+    is then chatted with (not treated as a base model)."""
+    import shutil
+
+    from ondevice.errors import TokenizerError
+    from ondevice.tokenizer import Tokenizer
+
+    it = tmp_path / "gemma-it"
+    shutil.copytree(gemma_f32_dir, it)
+    cfg_path = it / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = GEMMA_IT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg))
+    tok = Tokenizer.from_dir(it)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi "},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Name a colour."}]
+    text = tok.apply_chat_template(messages)
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                    "<start_of_turn>model\nHello.<end_of_turn>\n"
+                    "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n")
+    ids = tok.encode_chat(messages)
+    start, end = tok.token_to_id("<start_of_turn>"), tok.token_to_id("<end_of_turn>")
+    assert ids[0] == tok.token_to_id("<bos>") and ids.count(ids[0]) == 1
+    assert ids.count(start) == 4 and ids.count(end) == 3
+    assert end in tok.eos_token_ids  # the turn's end stops generation
+    with pytest.raises(TokenizerError) as exc:
+        tok.apply_chat_template([{"role": "assistant", "content": "first"}])
+    assert "alternate" in str(exc.value) and "\n" not in str(exc.value)
+
+    import subprocess
+    import sys
+
+    chat = subprocess.run([sys.executable, "-m", "ondevice", "chat", "-m", str(it), "--backend",
+                           "numpy", "-n", "4", "--temperature", "0"], input="Hi", text=True,
+                          capture_output=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "base model" not in chat.stderr and chat.stdout.strip()
