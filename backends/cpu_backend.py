@@ -341,13 +341,17 @@ class CpuOps:
                                  row_seq, positions, lens, tables[layer], heads, F32(scale),
                                  int(window))
 
+    @staticmethod
+    def _gated(gate, up, gelu: bool) -> np.ndarray:
+        kernel = K.gated_mul if gate.shape[0] <= GEMV_MAX_ROWS else K.gated_mul_rows
+        return kernel(np.ascontiguousarray(gate, dtype=F32), np.ascontiguousarray(up, dtype=F32),
+                      gelu)
+
     def silu_mul(self, gate, up) -> np.ndarray:
-        kernel = K.silu_mul if gate.shape[0] <= GEMV_MAX_ROWS else K.silu_mul_rows
-        return kernel(np.ascontiguousarray(gate, dtype=F32), np.ascontiguousarray(up, dtype=F32))
+        return self._gated(gate, up, False)
 
     def gelu_tanh_mul(self, gate, up) -> np.ndarray:
-        kernel = K.gelu_tanh_mul if gate.shape[0] <= GEMV_MAX_ROWS else K.gelu_tanh_mul_rows
-        return kernel(np.ascontiguousarray(gate, dtype=F32), np.ascontiguousarray(up, dtype=F32))
+        return self._gated(gate, up, True)
 
     def head_rms_norm(self, x, weight, eps, heads, head_dim) -> np.ndarray:
         t = x.shape[0]

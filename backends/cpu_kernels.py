@@ -477,37 +477,29 @@ def _gelu_tanh_mul_row(gate, up, out, t):
         out[t, i] = F32(0.5) * g * (F32(1) + th) * up[t, i]
 
 
-# Gated activations: one thread for a few rows (a parallel region costs more than the work),
-# every thread for prefill chunks.
+@njit(**INLINE)
+def _gated_row(gate, up, out, t, gelu):
+    if gelu:
+        _gelu_tanh_mul_row(gate, up, out, t)
+    else:
+        _silu_mul_row(gate, up, out, t)
+
+
+# Gated activations (SiLU or GELU-tanh gate times up): one thread for a few rows (a parallel
+# region costs more than the work), every thread for prefill chunks.
 @njit(**JIT)
-def silu_mul(gate, up):
+def gated_mul(gate, up, gelu):
     out = np.empty(gate.shape, F32)
     for t in range(gate.shape[0]):
-        _silu_mul_row(gate, up, out, t)
+        _gated_row(gate, up, out, t, gelu)
     return out
 
 
 @njit(**PAR)
-def silu_mul_rows(gate, up):
+def gated_mul_rows(gate, up, gelu):
     out = np.empty(gate.shape, F32)
     for t in prange(gate.shape[0]):
-        _silu_mul_row(gate, up, out, t)
-    return out
-
-
-@njit(**JIT)
-def gelu_tanh_mul(gate, up):
-    out = np.empty(gate.shape, F32)
-    for t in range(gate.shape[0]):
-        _gelu_tanh_mul_row(gate, up, out, t)
-    return out
-
-
-@njit(**PAR)
-def gelu_tanh_mul_rows(gate, up):
-    out = np.empty(gate.shape, F32)
-    for t in prange(gate.shape[0]):
-        _gelu_tanh_mul_row(gate, up, out, t)
+        _gated_row(gate, up, out, t, gelu)
     return out
 
 
