@@ -250,37 +250,42 @@ def qgemv(x, w, hi, scales, biases, table, g, bits, y):
                 y[t, n] = acc
 
 
+@njit(**INLINE)
+def _code_pair(w, hi, n, k0, i, bits):
+    """The codes of elements ``k0 + 2i`` and ``k0 + 2i + 1`` of row ``n`` (4, 5 or 6 bits:
+    the nibbles of byte ``k0 / 2 + i``, plus 16 times their high bits for 5 and 6)."""
+    byte = np.int32(w[n, k0 // 2 + i])
+    lo = byte & 15
+    hh = byte >> 4
+    j = 2 * i
+    if bits == 5:
+        h0 = k0 // 8
+        lo += 16 * np.int32((hi[n, h0 + (j >> 3)] >> (j & 7)) & 1)
+        hh += 16 * np.int32((hi[n, h0 + ((j + 1) >> 3)] >> ((j + 1) & 7)) & 1)
+    elif bits == 6:
+        h0 = k0 // 4
+        lo += 16 * np.int32((hi[n, h0 + (j >> 2)] >> (2 * (j & 3))) & 3)
+        hh += 16 * np.int32((hi[n, h0 + ((j + 1) >> 2)] >> (2 * ((j + 1) & 3))) & 3)
+    return lo, hh
+
+
 @njit(**JIT)
 def _dequantize_row(w, hi, scales, biases, table, g, bits, n, out):
     """Row ``n`` of W as float32 into ``out[:]`` (``q * scale + bias``, in the reference's
     order of operations)."""
     k = out.shape[0]
-    half = g // 2
     for gi in range(k // g):
         s = _to_f32(scales[n, gi], table)
         b = _to_f32(biases[n, gi], table)
         k0 = gi * g
         if bits == 8:
+            wr = w[n, k0:k0 + g]
+            o = out[k0:k0 + g]
             for i in range(g):
-                out[k0 + i] = F32(w[n, k0 + i]) * s + b
+                o[i] = F32(wr[i]) * s + b
             continue
-        b0 = k0 // 2
-        for i in range(half):
-            byte = w[n, b0 + i]
-            lo = np.int32(byte & 15)
-            hh = np.int32(byte >> 4)
-            if bits == 5:
-                h0 = k0 // 8
-                j = 2 * i
-                lo += 16 * ((hi[n, h0 + (j >> 3)] >> (j & 7)) & 1)
-                j += 1
-                hh += 16 * ((hi[n, h0 + (j >> 3)] >> (j & 7)) & 1)
-            elif bits == 6:
-                h0 = k0 // 4
-                j = 2 * i
-                lo += 16 * ((hi[n, h0 + (j >> 2)] >> (2 * (j & 3))) & 3)
-                j += 1
-                hh += 16 * ((hi[n, h0 + (j >> 2)] >> (2 * (j & 3))) & 3)
+        for i in range(g // 2):
+            lo, hh = _code_pair(w, hi, n, k0, i, bits)
             out[k0 + 2 * i] = F32(lo) * s + b
             out[k0 + 2 * i + 1] = F32(hh) * s + b
 
@@ -294,40 +299,26 @@ def _dequantize_row_split(w, hi, scales, biases, table, g, bits, n, out):
     even elements, then its odd ones), so every store is contiguous and the loop vectorizes
     (in natural order the interleaved stores made dequantizing cost 2.5x more than the
     products it feeds). 8-bit rows keep their natural order."""
+    if bits == 8:
+        _dequantize_row(w, hi, scales, biases, table, g, bits, n, out)
+        return
     k = out.shape[0]
     half = g // 2
     for gi in range(k // g):
         s = _to_f32(scales[n, gi], table)
         b = _to_f32(biases[n, gi], table)
         k0 = gi * g
-        if bits == 8:
-            wr = w[n, k0:k0 + g]
-            o = out[k0:k0 + g]
-            for i in range(g):
-                o[i] = F32(wr[i]) * s + b
-            continue
         wr = w[n, k0 // 2:k0 // 2 + half]
         oe = out[k0:k0 + half]
         oo = out[k0 + half:k0 + g]
-        if bits == 4:
+        if bits == 4:  # the common case, kept free of the high-bit branches
             for i in range(half):
                 byte = np.int32(wr[i])
                 oe[i] = F32(np.int32(byte & 15)) * s + b
                 oo[i] = F32(np.int32(byte >> 4)) * s + b
             continue
         for i in range(half):
-            byte = np.int32(wr[i])
-            lo = np.int32(byte & 15)
-            hh = np.int32(byte >> 4)
-            j = 2 * i
-            if bits == 5:
-                h0 = k0 // 8
-                lo += 16 * np.int32((hi[n, h0 + (j >> 3)] >> (j & 7)) & 1)
-                hh += 16 * np.int32((hi[n, h0 + ((j + 1) >> 3)] >> ((j + 1) & 7)) & 1)
-            else:
-                h0 = k0 // 4
-                lo += 16 * np.int32((hi[n, h0 + (j >> 2)] >> (2 * (j & 3))) & 3)
-                hh += 16 * np.int32((hi[n, h0 + ((j + 1) >> 2)] >> (2 * ((j + 1) & 3))) & 3)
+            lo, hh = _code_pair(w, hi, n, k0, i, bits)
             oe[i] = F32(lo) * s + b
             oo[i] = F32(hh) * s + b
 
