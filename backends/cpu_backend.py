@@ -45,6 +45,8 @@ PACKED_BITS = frozenset({4, 5, 6, 8})
 # four. Measured on the default model's matrices (2 threads): 1 row 16.4 vs 25.3 ms, 2 rows
 # 23.7 vs 27.3 ms, 4 rows 44.2 vs 27.5 ms, 16 rows 134 vs 44.5 ms (qgemv vs qgemm).
 GEMV_MAX_ROWS = 2
+# float32 products of 2..this many rows use the numba kernel, not BLAS (see `dense_gemm`).
+DENSE_KERNEL_MAX_ROWS = 32
 NO_HIGH = np.zeros((1, 1), np.uint8)  # 4- and 8-bit weights have no high-bit plane
 
 
@@ -262,7 +264,14 @@ class CpuOps:
     # products ----------------------------------------------------------------------------
     def _product(self, x: np.ndarray, w) -> np.ndarray:
         if isinstance(w, _Dense):
-            y = (w.w @ x[0])[None] if x.shape[0] == 1 else x @ w.w.T
+            t = x.shape[0]
+            if t == 1:
+                y = (w.w @ x[0])[None]
+            elif t <= DENSE_KERNEL_MAX_ROWS:
+                y = np.empty((t, w.w.shape[0]), F32)
+                K.dense_gemm(x, w.w, y)
+            else:
+                y = x @ w.w.T
         else:
             t, n = x.shape[0], w.out_features
             y = np.empty((t, n), F32)

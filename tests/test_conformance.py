@@ -197,7 +197,7 @@ def test_rms_norm(pair):
         check(got, ref.ops.rms_norm(x, w_ref, ref.config.rms_norm_eps), F32_NMSE)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])  # decode, a small batch, a prefill chunk
+@pytest.mark.parametrize("rows", [1, 5, 13, 40])  # decode, small batches, a prefill chunk
 def test_linear(pair, rows):
     ref, be, case = pair
     rng = np.random.default_rng(3 + rows)

@@ -130,6 +130,19 @@ def test_fast_exp_accuracy():
     assert np.isfinite(edge[3:]).all() and (edge[3:] > 2e38).all()  # saturates, no inf
 
 
+def test_dense_gemm_equals_blas():
+    """The float32 small-batch product (one weight row against four activation rows up to
+    8 rows, four by four beyond) on shapes with ragged edges: every row and column filled."""
+    rng = np.random.default_rng(5)
+    for out_features, in_features in ((37, 24), (50, 130)):
+        w = rng.standard_normal((out_features, in_features), dtype=np.float32)
+        for rows in (1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 32):
+            x = rng.standard_normal((rows, in_features), dtype=np.float32)
+            y = np.full((rows, out_features), np.nan, np.float32)
+            cpu_kernels.dense_gemm(x, w, y)
+            np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits", [5, 6])
 def test_5_and_6_bit_layout_is_mlx_own(bits):
     """Kernel dequantization of ``mx.quantize``'s output equals ``mx.dequantize``."""
