@@ -250,6 +250,18 @@ def _flag_wording(err: SamplingError) -> str:
     return message
 
 
+def speculative_config(method: str | None, num_tokens: int | None, draft_model: str | None):
+    """The ``--speculative`` flags as a SpeculativeConfig (None without ``--speculative``)."""
+    from ..settings import SpeculativeConfig
+
+    if method is None:
+        if num_tokens is not None or draft_model is not None:
+            raise click.UsageError("--num-speculative-tokens and --draft-model need --speculative")
+        return None
+    return SpeculativeConfig(method=method, draft_model=draft_model,
+                             **({} if num_tokens is None else {"num_tokens": num_tokens}))
+
+
 def _engine_settings(backend: str, kv_memory=None, block_size=None, max_num_seqs=None,
                      max_batched_tokens=None, no_prefix_caching=False, threads=None,
                      speculative=None, num_speculative_tokens=None, draft_model=None):
@@ -257,15 +269,9 @@ def _engine_settings(backend: str, kv_memory=None, block_size=None, max_num_seqs
     import dataclasses
 
     from ..backends import resolve
-    from ..settings import OPTIONS, EngineConfig, SpeculativeConfig
+    from ..settings import OPTIONS, EngineConfig
 
-    if speculative is None and (num_speculative_tokens is not None or draft_model is not None):
-        raise click.UsageError("--num-speculative-tokens and --draft-model need --speculative")
-    spec = None
-    if speculative is not None:
-        spec = SpeculativeConfig(method=speculative, draft_model=draft_model,
-                                 **({} if num_speculative_tokens is None
-                                    else {"num_tokens": num_speculative_tokens}))
+    spec = speculative_config(speculative, num_speculative_tokens, draft_model)
     engine = EngineConfig().merged(
         kv_memory=kv_memory, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_batched_tokens,

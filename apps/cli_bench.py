@@ -54,16 +54,25 @@ def _write_json(report: dict, out: str) -> None:
 @click.option("--kv-memory", default=None, help="KV cache budget per backend, e.g. 256MiB.")
 @click.option("--bandwidth-mib", type=int, default=256, show_default=True,
               help="Buffer of the memory-bandwidth measurement.")
+@click.option("--speculative", type=click.Choice(["prompt_lookup", "draft"]), default=None,
+              help="Also measure with speculative decoding, each run next to one without it.")
+@click.option("--num-speculative-tokens", type=int, default=None,
+              help="Tokens proposed per step at most (1..16) [4].")
+@click.option("--draft-model", default=None,
+              help="Draft model directory or .gguf file for --speculative draft.")
 @click.option("--json", "json_out", default=None, metavar="OUT",
               help="Write the full report as JSON to OUT ('-': stdout).")
 @click.option("--plot", "plot_out", default=None, metavar="OUT.png",
               help="Draw tok/s by backend/peer and throughput vs concurrency into a PNG.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 def bench(model, backends, quantize, concurrency, prompt_tokens, gen_tokens, repeats, peers,
-          threads, group_size, kv_memory, bandwidth_mib, json_out, plot_out, no_progress):
+          threads, group_size, kv_memory, bandwidth_mib, speculative, num_speculative_tokens,
+          draft_model, json_out, plot_out, no_progress):
     """Decode/prefill tok/s, TTFT, peak memory, KV utilization and throughput vs concurrency
-    per backend and quantization; with --peers, ratios to llama.cpp and mlx-lm."""
+    per backend and quantization; with --peers, ratios to llama.cpp and mlx-lm; with
+    --speculative, ratios of speculative decoding on / off."""
     from ..bench import BenchSettings, format_report, run_bench
+    from .cli import speculative_config
 
     settings = BenchSettings(
         model=model, backends=tuple(parse_list(backends)),
@@ -71,6 +80,7 @@ def bench(model, backends, quantize, concurrency, prompt_tokens, gen_tokens, rep
         concurrency=_ints(concurrency), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
         repeats=repeats, peers=peers, threads=threads, group_size=group_size,
         kv_memory=kv_memory, bandwidth_mib=bandwidth_mib,
+        speculative=speculative_config(speculative, num_speculative_tokens, draft_model),
     )
     if plot_out is not None:
         # Fail before minutes of measuring, not after.

@@ -37,7 +37,8 @@ import numpy as np
 
 from ondevice.backends import backend_class
 from ondevice.batch import BatchInput
-from ondevice.default_model import default_model_dir
+from ondevice.bench.common import model_variant
+from ondevice.default_model import default_model_dir, resolve_model
 from ondevice.engine import Engine
 from ondevice.modeldir import ModelDir
 from ondevice.sampling import SamplingParams
@@ -81,6 +82,14 @@ TASKS = {
                "Name:\nOrder number:\nAddress:\nEmail:\nPhone:",
     "code_edit": "Fix the bug in this code and show the whole corrected code:\n```python\n"
                  + CODE.replace("return total / count", "return total / cont") + "```",
+}
+
+BASE_TASKS = {  # for base models (no chat template): the tasks as documents to continue
+    "summarize": f"Article:\n{ARTICLE}\n\nSummary of the article in three sentences:\n",
+    "extract": f"Message:\n{RECORD}\n\nThe details from the message above:\nName:",
+    "code_edit": "Buggy code:\n```python\n" + CODE.replace("return total / count",
+                                                          "return total / cont")
+                 + "```\n\nThe whole code with the bug fixed:\n```python\n",
 }
 
 
@@ -190,6 +199,14 @@ def rows_section(backend, block_size: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--model", default=None,
+                    help="target model: a directory or .gguf file (default: the default model)")
+    ap.add_argument("--quantize", default=None,
+                    help="target stored as f32 | f16 | q8 | q4 (default: as the model is stored)")
+    ap.add_argument("--draft-quantize", default=None,
+                    help="draft = a copy of the target stored as q8 | q4 | keep (a GGUF's own "
+                         "quantization), instead of --draft")
+    ap.add_argument("--group-size", type=int, default=64, help="group size of --draft-quantize")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
@@ -203,19 +220,27 @@ def main() -> None:
     args = ap.parse_args()
     sections = set(args.sections.split(","))
 
-    target = default_model_dir(quiet=True)
+    if args.quantize:
+        target = model_variant(args.model, args.quantize)
+    elif args.model:
+        target = resolve_model(args.model, quiet=True)
+    else:
+        target = default_model_dir(quiet=True)
     md = ModelDir(target)
     block_size, num_blocks = 16, 2048
     backend = make_backend(args.backend, md, num_blocks, block_size)
     tok, ctx = md.tokenizer, md.config.context_length
-    prompts = {name: tok.encode_chat([{"role": "user", "content": text}],
-                                     add_generation_prompt=True)
-               for name, text in TASKS.items()}
+    if tok.chat_template:
+        prompts = {name: tok.encode_chat([{"role": "user", "content": text}],
+                                         add_generation_prompt=True)
+                   for name, text in TASKS.items()}
+    else:  # a base model: the same tasks as text to continue
+        prompts = {name: tok.encode(BASE_TASKS[name]) for name in TASKS}
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     report: dict = {
         "benchmark": "speculative decoding, on vs off in one run",
         "machine": f"{platform.machine()}, {platform.system()}, shared 2-core VM",
-        "model": target.name, "backend": args.backend, "max_tokens": args.max_tokens,
+        "model": target.name, "quantize": args.quantize, "backend": args.backend, "max_tokens": args.max_tokens,
         "repeats": args.repeats, "command": " ".join(sys.argv),
     }
 
@@ -239,13 +264,24 @@ def main() -> None:
         emit("lookup_concurrency", res)
     if "draft" in sections:
         tmp = Path(tempfile.mkdtemp(prefix="draft-"))
-        draft_dir = Path(args.draft) if args.draft else cut_draft(target, args.draft_layers,
-                                                                   tmp / "draft")
+        if args.draft:
+            draft_dir, what = Path(args.draft), args.draft
+        elif args.draft_quantize == "keep":  # the GGUF's own quantization, imported as is
+            draft_dir = resolve_model(args.model, quiet=True) if args.model \
+                else default_model_dir(quiet=True)
+            what = "the target's GGUF quantization, imported as it is"
+        elif args.draft_quantize:
+            draft_dir = model_variant(args.model, args.draft_quantize,
+                                      group_size=args.group_size)
+            what = f"the target stored as {args.draft_quantize} (group size {args.group_size})"
+        else:
+            draft_dir = cut_draft(target, args.draft_layers, tmp / "draft")
+            what = f"first {args.draft_layers} layers of the target"
         dmd = ModelDir(draft_dir)
         draft = make_backend(args.draft_backend or args.backend, dmd, num_blocks, block_size)
         spec = SpeculativeConfig(method="draft", draft_model=str(draft_dir),
                                  num_tokens=args.draft_k)
-        res = {"draft": args.draft or f"first {args.draft_layers} layers of the target",
+        res = {"draft": what, "draft_dir": draft_dir.name,
                "draft_backend": args.draft_backend or args.backend, "k": args.draft_k}
         res.update({name: compare(backend, tok, ctx, [p], greedy, spec, draft, args.repeats)
                     for name, p in prompts.items()})

@@ -155,6 +155,33 @@ def test_bench_errors_are_one_line(tiny_model_dir):
     assert r.exit_code == 1 and "--concurrency" in r.output
 
 
+def test_bench_speculative_side_by_side(tiny_model_dir, tmp_path):
+    """--speculative: each configuration also runs with speculation, every run next to one
+    without it; the report holds the ratios and the acceptance counters, the table a line."""
+    out = tmp_path / "bench.json"
+    r = run("bench", "--model", tiny_model_dir, "--backend", "numpy", "--quantize", "f32",
+            *FAST_BENCH, "--speculative", "draft", "--draft-model", tiny_model_dir,
+            "--num-speculative-tokens", "3", "--json", out)
+    assert r.exit_code == 0, r.output
+    (res,) = json.loads(out.read_text())["results"]
+    sp = res["speculative"]
+    assert sp["method"] == "draft" and sp["num_tokens"] == 3
+    assert positive(sp["decode_ratio"]) and len(sp["runs"]) == 1
+    run0 = sp["runs"][0]
+    assert run0["ratio"] == pytest.approx(run0["on_decode_tok_per_s"]
+                                          / run0["off_decode_tok_per_s"])
+    assert [c["requests"] for c in sp["concurrency"]] == [1, 3]
+    assert all(positive(c["ratio"]) for c in sp["concurrency"])
+    assert sp["spec_accepted_tokens"] <= sp["spec_proposed_tokens"]
+    assert "speculative decoding (draft, k <= 3)" in r.output
+    r = run("bench", "--model", tiny_model_dir, "--speculative", "prompt_lookup",
+            "--num-speculative-tokens", "0", "--no-progress")
+    assert r.exit_code == 1 and "num_speculative_tokens must be" in r.output
+    r = run("bench", "--model", tiny_model_dir, "--draft-model", tiny_model_dir,
+            "--no-progress")
+    assert r.exit_code != 0 and "need --speculative" in r.output
+
+
 # -- eval --------------------------------------------------------------------------------------
 def eval_json(tmp_path, *args):
     out = tmp_path / "eval.json"

@@ -6,12 +6,18 @@ token, decode tok/s; the best run counts, as the machine is shared), then one ba
 concurrency level (aggregate tok/s, KV utilization sampled every step). Peak RSS is measured
 per configuration. The memory-bandwidth ceiling is the bandwidth of a plain NumPy streaming
 read divided by the bytes of weights a decode step reads in that storage format.
+
+With ``speculative`` set, each configuration also runs its single request and every
+concurrency level with speculative decoding, each next to a run without it, and reports the
+ratios and the acceptance rate. The prompts are random tokens, so prompt lookup has little to
+copy here; ``benchmarks/bench_speculative.py`` measures input-grounded tasks.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +29,7 @@ import numpy as np
 from ..backends import KNOWN, available_backends, backend_class
 from ..memory import peak_rss_bytes
 from ..sampling import SamplingParams
+from ..settings import EngineConfig, SpeculativeConfig
 from .common import (
     BenchError,
     _group_size,
@@ -55,6 +62,7 @@ class BenchSettings:
     kv_memory: str | None = None
     bandwidth_mib: int = 256
     seed: int = 0
+    speculative: SpeculativeConfig | None = None  # also measure with it, side by side
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -154,7 +162,8 @@ def bench_config(path: Path, backend: str, quantize: str, s: BenchSettings,
     rss_before = current_rss_bytes()
     t0 = time.perf_counter()
     model = load(path, backend=backend, kv_memory=s.kv_memory, quiet=True,
-                 max_num_seqs=max(max(s.concurrency), 1), options=_backend_options(backend, s))
+                 max_num_seqs=max(max(s.concurrency), 1), options=_backend_options(backend, s),
+                 engine=EngineConfig(speculative=s.speculative))
     load_s = time.perf_counter() - t0
     try:
         rt = model.runtime
@@ -201,11 +210,50 @@ def bench_config(path: Path, backend: str, quantize: str, s: BenchSettings,
             "concurrency": curve,
             "backend_description": be.describe(),  # threads, packed weight bytes (cpu)
         }
+        if s.speculative is not None:
+            out["speculative"] = _speculative(rt, engine, prompts, s, f"{backend}-{quantize}",
+                                              tick)
         return out
     finally:
         model.close()
         del model
         gc.collect()
+
+
+def _speculative(rt, plain, prompts: list[list[int]], s: BenchSettings, name: str,
+                 tick: Callable[[str], None]) -> dict:
+    """The same single-stream and concurrent runs with speculation, each next to a run
+    without it (alternating, same backend and prompts): decode and aggregate ratios."""
+    from ..engine import Engine
+
+    engine = Engine(rt.backend, rt.tokenizer, context_length=rt.config.context_length,
+                    max_num_seqs=max(s.concurrency), model_id=rt.model_id,
+                    speculative=s.speculative, draft_backend=rt.draft_backend)
+    drive(engine, [prompts[0][:8]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    singles = []
+    for _ in range(s.repeats):
+        off = single_stream(plain, prompts[0], s.gen_tokens)
+        on = single_stream(engine, prompts[0], s.gen_tokens)
+        singles.append({"off_decode_tok_per_s": off["decode_tok_per_s"],
+                        "on_decode_tok_per_s": on["decode_tok_per_s"],
+                        "ratio": on["decode_tok_per_s"] / off["decode_tok_per_s"]})
+    tick(f"{name} speculative single stream")
+    curve = []
+    for c in s.concurrency:
+        batch = prompts[s.repeats:s.repeats + c]
+        off, on = concurrent(plain, batch, s.gen_tokens), concurrent(engine, batch, s.gen_tokens)
+        curve.append({"requests": c, "off_aggregate_tok_per_s": off["aggregate_tok_per_s"],
+                      "on_aggregate_tok_per_s": on["aggregate_tok_per_s"],
+                      "ratio": on["aggregate_tok_per_s"] / off["aggregate_tok_per_s"]})
+        tick(f"{name} speculative x{c}")
+    spec = s.speculative
+    stats = engine.stats()
+    return {
+        "method": spec.method, "num_tokens": spec.num_tokens, "draft_model": spec.draft_model,
+        "decode_ratio": statistics.median(r["ratio"] for r in singles), "runs": singles,
+        "concurrency": curve,
+        **{k: v for k, v in stats.items() if k.startswith("spec_")},
+    }
 
 
 def _backend_options(backend: str, s: BenchSettings) -> dict | None:
@@ -242,7 +290,10 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
     s.check()
     backends, skipped = plan_backends(s.backends)
     threads = s.threads or peer_mod.default_threads()
-    jobs = len(backends) * len(s.quantize) * (2 + len(s.concurrency)) + 1
+    per_config = 2 + len(s.concurrency)
+    if s.speculative is not None:
+        per_config += 1 + len(s.concurrency)
+    jobs = len(backends) * len(s.quantize) * per_config + 1
     if s.peers:
         jobs += 1 + len(s.quantize)
     bar = tqdm(total=jobs, desc="bench", unit="step", file=sys.stderr, disable=not progress,
@@ -354,6 +405,18 @@ def format_report(report: dict) -> str:
     for r in report["results"]:
         pts = ", ".join(f"{c['requests']}: {c['aggregate_tok_per_s']:.1f}" for c in r["concurrency"])
         lines.append(f"  {r['backend'] + '-' + r['quantize']:<18}{pts}")
+    specs = [r for r in report["results"] if r.get("speculative")]
+    if specs:
+        lines.append("")
+        sp = specs[0]["speculative"]
+        lines.append(f"speculative decoding ({sp['method']}, k <= {sp['num_tokens']}), "
+                     "on / off in the same run:")
+        for r in specs:
+            sp = r["speculative"]
+            pts = ", ".join(f"{c['requests']}: {c['ratio']:.2f}x" for c in sp["concurrency"])
+            lines.append(f"  {r['backend'] + '-' + r['quantize']:<18}decode "
+                         f"{sp['decode_ratio']:.2f}x, acceptance "
+                         f"{sp.get('spec_acceptance_rate', 0):.0%}; aggregate {pts}")
     for name, why in report["unavailable_backends"].items():
         lines.append(f"{name}: not run ({why})")
     if peer_names:  # without peers there are no ratio columns to explain

@@ -45,6 +45,15 @@ DRAFT_SPAWN_KEY = 0x5350
 """Second element of the draft generator's spawn key: disjoint from the target sampler's
 ``(index,)`` key, so the draft's draws never consume or mirror the target's."""
 
+PROBE_STEPS = 16
+"""Steps after which a sequence the rule keeps from speculating proposes a couple of tokens
+anyway (when full acceptance would pay at the measured costs), so that its acceptance rate
+and the costs behind the rule are measured again rather than trusted forever."""
+
+RATE_MEMORY = 0.8
+"""Weight of the past in a sequence's acceptance counts, per verification (and, while it
+does not speculate, 0.95 per step: its estimate drifts back to the prior of 0.5)."""
+
 COOLDOWN_STEPS = 8
 """Steps a draft-model sequence skips speculation after its acceptance collapsed."""
 
@@ -250,9 +259,7 @@ class DraftModel:
             began = time.perf_counter()
             logits = self.backend.forward(batch)
             if batch.num_tokens == len(entries):  # decode rows only, not a catch-up chunk
-                took = time.perf_counter() - began
-                self.seconds = took if self.seconds is None else \
-                    self.seconds + 0.3 * (took - self.seconds)
+                self.seconds = smoothed(self.seconds, time.perf_counter() - began, 0.3)
             self.num_forwards += 1
             row = 0
             for (seq, st), want in zip(owners, wanted, strict=True):
@@ -292,6 +299,14 @@ class DraftModel:
 # Adaptivity and counters
 
 
+def smoothed(old: float | None, sample: float, rate: float) -> float:
+    """An exponential average of timings that follows a faster sample at once (the first
+    samples pay page faults and cold caches) and a slower one at ``rate`` (a busy machine)."""
+    if old is None or sample < old:
+        return sample if old is None else old + 0.5 * (sample - old)
+    return old + rate * (sample - old)
+
+
 class StepCost:
     """Measured forward-pass seconds by number of query rows (exponential averages), so that
     the choice of k uses this backend's real cost of extra rows, not an assumption.
@@ -306,8 +321,7 @@ class StepCost:
         self.seconds: dict[int, float] = {}
 
     def observe(self, rows: int, seconds: float) -> None:
-        old = self.seconds.get(rows)
-        self.seconds[rows] = seconds if old is None else old + self.smoothing * (seconds - old)
+        self.seconds[rows] = smoothed(self.seconds.get(rows), seconds, self.smoothing)
 
     def time(self, rows: int) -> float | None:
         if rows in self.seconds:
@@ -332,8 +346,16 @@ def expected_tokens(rate: float, k: int) -> float:
 @dataclass
 class _Adapt:
     k: int
-    rate: float  # running acceptance rate per proposed token (exponential average)
+    hits: float = 0.0  # accepted proposals, older verifications weighted down
+    trials: float = 0.0  # proposals judged (a rejection ends a run: later ones are not)
+    rate: float = 0.5  # (hits + 1) / (trials + 2): the acceptance rate per proposed token
+    idle: int = 0  # steps since it last speculated
     cooldown: int = 0
+
+    def count(self, hits: int, trials: int, memory: float) -> None:
+        self.hits = self.hits * memory + hits
+        self.trials = self.trials * memory + trials
+        self.rate = (self.hits + 1.0) / (self.trials + 2.0)
 
 
 class Speculator:
@@ -341,13 +363,16 @@ class Speculator:
 
     The rule, per step, over the decoding sequences in running order: with R query rows
     already in the step producing T tokens, a sequence whose proposals are accepted at rate
-    a (its running average) gets the k in 0..k_max that maximizes the step's throughput
+    a (recent verifications' accepted / judged proposals, Laplace-smoothed) gets the k in 0..k_max that maximizes the step's throughput
     ``(T + E(a, k) - 1) / t(R + k)``, where E(a, k) = 1 + a + ... + a^k is the expected
     number of tokens its verification emits and t the measured forward time at that many
     rows (`StepCost`). So k shrinks when acceptance is low, and speculation stops when extra
     rows cost more than they bring — on a large batch (compute-bound rows) or on a backend
     whose multi-row products are slow. ``max_batch_rows`` caps the rows speculation may add
-    up to. A sequence not speculating drifts its rate back toward 0.5, so it probes again.
+    up to. A sequence not speculating forgets its counts (its rate drifts back to 0.5) and
+    every `PROBE_STEPS` steps proposes two tokens if that would pay at full acceptance, so a
+    rule that once saw slow rows or poor proposals looks again. Timings follow a faster
+    sample at once and a slower one gradually (`smoothed`).
 
     Seeded sampled requests verified against a draft distribution (`pinned`) cannot take
     timings into account (their random draws depend on k): their k follows their own history
@@ -377,7 +402,7 @@ class Speculator:
     def _state(self, seq: Sequence) -> _Adapt:
         st = self._adapt.get(seq.seq_id)
         if st is None:
-            st = self._adapt[seq.seq_id] = _Adapt(self.k_max, 0.6)
+            st = self._adapt[seq.seq_id] = _Adapt(self.k_max)
         return st
 
     def pinned_k(self, seq: Sequence, remaining: int) -> int:
@@ -401,19 +426,32 @@ class Speculator:
             return 0  # measure the plain step first: without it no gain can be judged
         if self.draft is not None and self.draft.seconds is None:
             return k_cap  # the draft's cost is learned by running it once
-        best_k, best = 0, tokens / base
-        for k in range(1, k_cap + 1):
+
+        def value(k: int, rate: float) -> float | None:
             t = self.cost.time(rows + k)
             if t is None:
-                continue
+                return None
             if self.draft is not None:
                 t += max(0, k - draft_calls) * (self.draft.seconds or 0.0)
-            value = (tokens + expected_tokens(st.rate, k) - 1) / t
-            if value > best * 1.02:  # a clear gain only: timings are noisy
-                best_k, best = k, value
-        if best_k == 0:
-            st.rate += 0.05 * (0.5 - st.rate)
-        return best_k
+            return (tokens + expected_tokens(rate, k) - 1) / t
+
+        best_k, best = 0, tokens / base
+        for k in range(1, k_cap + 1):
+            v = value(k, st.rate)
+            if v is not None and v > best * 1.02:  # a clear gain only: timings are noisy
+                best_k, best = k, v
+        if best_k:
+            st.idle = 0
+            return best_k
+        st.idle += 1
+        st.count(0, 0, 0.95)  # unmeasured for a while: back toward the prior
+        if st.idle >= PROBE_STEPS:
+            st.idle = 0
+            k = min(2, k_cap)
+            v = value(k, 1.0)
+            if v is not None and v > tokens / base * 1.02:  # it pays if proposals are right
+                return k
+        return 0
 
     def expected(self, seq: Sequence, k: int) -> float:
         return expected_tokens(self._state(seq).rate, k)
@@ -428,12 +466,12 @@ class Speculator:
         st = self._state(seq)
         # Acceptance per proposed token: a run of a accepted then a rejection is a + 1
         # Bernoulli trials with a successes; a full acceptance is a trials, all successes.
-        trials = accepted + (accepted < proposed)
-        st.rate += 0.3 * (accepted / trials - st.rate)
+        st.count(accepted, accepted + (accepted < proposed), RATE_MEMORY)
         st.k = min(self.k_max, st.k + 2) if accepted == proposed else max(1, accepted + 1)
         if self.draft is not None and st.k == 1 and st.rate < LOW_ACCEPTANCE:
             st.cooldown = COOLDOWN_STEPS
-            st.rate = LOW_ACCEPTANCE  # probe again after the pause instead of pausing forever
+            st.hits, st.trials = 0.0, 0.0  # probe again after the pause, from the prior
+            st.rate = 0.5
 
     def release(self, seq_id: str) -> None:
         self._adapt.pop(seq_id, None)
