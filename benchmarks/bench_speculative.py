@@ -8,7 +8,9 @@ Sections (each printed as JSON; all of them written to ``--out``):
 * ``lookup``: prompt lookup on input-grounded tasks (summarize a given text, extract fields,
   edit a code snippet given in the prompt), greedy, the real default model: decode tok/s with
   and without speculation, the ratio per repeat (runs alternate off/on), whether the greedy
-  output is identical, the acceptance rate.
+  output is identical, the acceptance rate, and the ``bound``: what an oracle that proposes
+  exactly the lookup tokens that will be accepted would reach on the same output (tokens
+  per step, and the speed-up at the step costs measured in the run).
 * ``draft``: the same with a draft model: ``--draft`` (a model directory), else a draft cut
   from the target itself (its first ``--draft-layers`` layers, the final norm and the tied
   head: the best pair this machine has when no quantized backend makes a q4 copy cheaper).
@@ -40,6 +42,7 @@ from ondevice.batch import BatchInput
 from ondevice.bench.common import model_variant
 from ondevice.default_model import default_model_dir, resolve_model
 from ondevice.engine import Engine
+from ondevice.engine.speculative import PromptLookup, StepCost
 from ondevice.modeldir import ModelDir
 from ondevice.sampling import SamplingParams
 from ondevice.settings import SpeculativeConfig, backend_options
@@ -147,7 +150,32 @@ def run(backend, tokenizer, context_length: int, prompts: list[list[int]],
         "mean_accepted_length": st.get("spec_mean_accepted_length"),
         "proposed": st.get("spec_proposed_tokens"),
         "accepted": st.get("spec_accepted_tokens"),
+        "cost": engine.spec.cost if engine.spec is not None else None,
     }
+
+
+def lookup_bound(prompts: list[list[int]], outputs: list[list[int]], spec: SpeculativeConfig,
+                 cost: StepCost) -> dict:
+    """What prompt lookup could give on these greedy outputs at best: an oracle that proposes
+    exactly the tokens lookup would get right (up to k) each step. ``tokens_per_step`` if
+    verification were free; ``ratio``: decode speed-up at the step costs the run measured
+    (single stream only: the cost of k extra rows of one sequence)."""
+    lookup = PromptLookup(spec.ngram_min, spec.ngram_max)
+    steps, seconds, tokens = 0, 0.0, 0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        i = 1  # the first token comes with the prompt's prefill
+        while i < len(out):
+            props = lookup.propose(prompt + out[:i], spec.num_tokens)
+            a = 0
+            while a < len(props) and i + a < len(out) and props[a] == out[i + a]:
+                a += 1
+            steps += 1
+            seconds += cost.time(1 + a) or 0.0
+            i += a + 1
+        tokens += len(out) - 1
+    one = cost.time(1)
+    return {"tokens_per_step": round(tokens / max(steps, 1), 3),
+            "ratio": round(tokens * one / seconds, 3) if one and seconds else None}
 
 
 def compare(backend, tokenizer, ctx, prompts, params, spec, draft, repeats) -> dict:
@@ -174,6 +202,8 @@ def compare(backend, tokenizer, ctx, prompts, params, spec, draft, repeats) -> d
         "proposed": on["proposed"],
         "accepted": on["accepted"],
         "steps_off_on": [off["steps"], on["steps"]],
+        **({"bound": lookup_bound(prompts, off["outputs"], spec, on["cost"])}
+           if spec.method == "prompt_lookup" and len(prompts) == 1 else {}),
     }
 
 

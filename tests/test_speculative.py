@@ -22,7 +22,13 @@ from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
 from ondevice.engine import Engine
 from ondevice.engine.request import Request, Sequence
-from ondevice.engine.speculative import PromptLookup, StepCost, expected_tokens, verify
+from ondevice.engine.speculative import (
+    PROBE_STEPS,
+    PromptLookup,
+    StepCost,
+    expected_tokens,
+    verify,
+)
 from ondevice.errors import RequestError
 from ondevice.kv import KVCacheManager
 from ondevice.modeldir import ModelDir
@@ -368,6 +374,61 @@ def test_batch_rule_stops_speculation_when_rows_are_expensive(model_dir):
         cheap.cost.observe(r, 0.035)
     cheap._state(seq).rate = 0.5
     assert cheap.choose_k(seq, 4, rows=1, tokens=1) >= 2
+
+
+def test_rule_probes_again_and_learns_from_counts(model_dir):
+    """A sequence the rule stopped (poor acceptance) proposes two tokens after PROBE_STEPS
+    idle steps when full acceptance would pay; accepted proposals raise its rate at once
+    (decayed counts), and a timing sample faster than the estimate is followed at once."""
+    sp = engine(model_dir, "numpy", spec("prompt_lookup", 4, adaptive=True)).spec
+    sp.cost.observe(1, 0.030)
+    for r in range(2, 10):
+        sp.cost.observe(r, 0.031)
+    seq = _fake_seq(GREEDY, [1, 2, 3])
+    st = sp._state(seq)
+    st.count(0, 40, 1.0)  # 40 rejections in a row: rate 1/42
+    ks = [sp.choose_k(seq, 4, rows=1, tokens=1) for _ in range(PROBE_STEPS)]
+    assert ks == [0] * (PROBE_STEPS - 1) + [2]
+    sp.update(seq, proposed=2, accepted=2, emitted=3)
+    assert 0.1 < st.rate < 0.5
+    for _ in range(8):
+        sp.update(seq, proposed=4, accepted=4, emitted=5)
+    assert st.rate > 0.6 and sp.choose_k(seq, 4, rows=1, tokens=1) >= 2
+    # Expensive rows: no probe either, since even right proposals would not pay.
+    dear = engine(model_dir, "numpy", spec("prompt_lookup", 4, adaptive=True)).spec
+    for r in range(1, 10):
+        dear.cost.observe(r, 0.03 * r)
+    ks = [dear.choose_k(seq, 4, rows=1, tokens=1) for _ in range(3 * PROBE_STEPS)]
+    assert ks == [0] * (3 * PROBE_STEPS)
+    cost = StepCost()
+    cost.observe(1, 0.100)  # a cold first step
+    cost.observe(1, 0.030)
+    cost.observe(1, 0.030)
+    assert cost.time(1) < 0.05
+    cost.observe(1, 0.300)  # one slow step moves it a little
+    assert cost.time(1) < 0.15
+
+
+def test_draft_catch_up_must_be_repaid(model_dir):
+    """A draft that has never seen a sequence starts only when the time speculation saves
+    over the sequence's remaining tokens, on a plain decode step of the running sequences,
+    repays its catch-up: not for a sequence about to end, and not on a prefill-heavy step
+    (where extra rows are nearly free) of a batch whose decode steps would not gain."""
+    sp = engine(model_dir, "numpy", spec("draft", 4, adaptive=True), draft_md=model_dir).spec
+    sp.draft.seconds, sp.draft.token_seconds = 0.01, 0.01
+    sp.cost.observe(1, 0.030)
+    for r in range(2, 10):
+        sp.cost.observe(r, 0.031)
+    sp.cost.observe(16, 0.100)
+    for r in range(17, 21):
+        sp.cost.observe(r, 0.130)
+    sp.cost.observe(512, 1.0)
+    seq = _fake_seq(GREEDY, [1, 2, 3])  # 4 tokens to catch up on: 0.04 s
+    assert sp.choose_k(seq, 4, rows=1, tokens=1, remaining=100) == 1
+    assert sp.choose_k(seq, 4, rows=1, tokens=1, remaining=1) == 0
+    assert sp.choose_k(seq, 4, rows=512, tokens=1, remaining=100, running=16) == 0
+    sp.draft.computed[seq.seq_id] = len(seq.token_ids)  # caught up: this step alone counts
+    assert sp.choose_k(seq, 4, rows=512, tokens=1, remaining=100, running=16) >= 1
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -277,7 +277,8 @@ class Engine:
                     continue
                 props = spec.lookup.propose(seq.token_ids, cap) if spec.lookup else None
                 cap = len(props) if props is not None else cap
-                k = spec.choose_k(seq, cap, rows, tokens, draft_calls) if cap else 0
+                k = spec.choose_k(seq, cap, rows, tokens, draft_calls, remaining,
+                                  len(running)) if cap else 0
             if k <= 0:
                 continue
             plan[seq] = ((spec.lookup.propose(seq.token_ids, k) if pinned else props[:k])

@@ -50,9 +50,10 @@ PROBE_STEPS = 16
 anyway (when full acceptance would pay at the measured costs), so that its acceptance rate
 and the costs behind the rule are measured again rather than trusted forever."""
 
-RATE_MEMORY = 0.8
+RATE_MEMORY = 0.9
 """Weight of the past in a sequence's acceptance counts, per verification (and, while it
-does not speculate, 0.95 per step: its estimate drifts back to the prior of 0.5)."""
+does not speculate, 0.95 per step: its estimate drifts back to the prior of 0.5). With
+k = 1 and every proposal right, the rate settles at 10.5 / 11 = 0.95."""
 
 COOLDOWN_STEPS = 8
 """Steps a draft-model sequence skips speculation after its acceptance collapsed."""
@@ -197,6 +198,36 @@ class DraftModel:
         self._rngs: dict[str, np.random.Generator] = {}
         self.num_forwards = 0
         self.seconds: float | None = None  # a draft forward pass (decode rows), averaged
+        self.token_seconds: float | None = None  # per token of a catch-up chunk, averaged
+        self._time_one_row()
+
+    def _time_one_row(self) -> None:
+        """What a one-row draft pass costs, before any decision depends on it: three passes
+        over a scratch sequence, the fastest of the last two (the first pays first-use)."""
+        sid = "\0draft-timing"
+        if self.kv.allocate_slots(sid, [0], 1) is None:
+            return
+        try:
+            batch = BatchInput.build([([0], 0, self.kv.batch_tables(sid))], self.block_size,
+                                     logits_for=[True], layer_groups=self.layer_groups)
+            times = []
+            for _ in range(3):
+                began = time.perf_counter()
+                self.backend.forward(batch)
+                times.append(time.perf_counter() - began)
+            self.seconds = min(times[1:])
+        finally:
+            self.kv.free(sid)
+
+    def behind(self, seq: Sequence) -> int:
+        """Tokens of ``seq`` the draft has not processed: its catch-up before it can propose
+        (the whole context for a sequence it has never seen)."""
+        return max(0, len(seq.token_ids) - self.computed.get(seq.seq_id, 0))
+
+    def catch_up_seconds(self, seq: Sequence) -> float:
+        """What the catch-up of ``seq`` would cost, from the catch-up chunks measured so far
+        (0 before any was measured)."""
+        return self.behind(seq) * (self.token_seconds or 0.0)
 
     def release(self, seq_id: str) -> None:
         """Forget a sequence (finished, aborted): its draft blocks go back to the pool."""
@@ -258,8 +289,11 @@ class DraftModel:
                                      layer_groups=self.layer_groups)
             began = time.perf_counter()
             logits = self.backend.forward(batch)
-            if batch.num_tokens == len(entries):  # decode rows only, not a catch-up chunk
-                self.seconds = smoothed(self.seconds, time.perf_counter() - began, 0.3)
+            took = time.perf_counter() - began
+            if batch.num_tokens <= 2 * len(entries):  # decode rows (after an accepted
+                self.seconds = smoothed(self.seconds, took, 0.3)  # proposal: two), no chunk
+            elif batch.num_tokens >= 4 * len(entries):  # mostly catch-up: cost per token
+                self.token_seconds = smoothed(self.token_seconds, took / batch.num_tokens, 0.3)
             self.num_forwards += 1
             row = 0
             for (seq, st), want in zip(owners, wanted, strict=True):
@@ -348,14 +382,14 @@ class _Adapt:
     k: int
     hits: float = 0.0  # accepted proposals, older verifications weighted down
     trials: float = 0.0  # proposals judged (a rejection ends a run: later ones are not)
-    rate: float = 0.5  # (hits + 1) / (trials + 2): the acceptance rate per proposed token
+    rate: float = 0.5  # (hits + 1/2) / (trials + 1): the acceptance rate per proposed token
     idle: int = 0  # steps since it last speculated
     cooldown: int = 0
 
     def count(self, hits: int, trials: int, memory: float) -> None:
         self.hits = self.hits * memory + hits
         self.trials = self.trials * memory + trials
-        self.rate = (self.hits + 1.0) / (self.trials + 2.0)
+        self.rate = (self.hits + 0.5) / (self.trials + 1.0)
 
 
 class Speculator:
@@ -363,7 +397,8 @@ class Speculator:
 
     The rule, per step, over the decoding sequences in running order: with R query rows
     already in the step producing T tokens, a sequence whose proposals are accepted at rate
-    a (recent verifications' accepted / judged proposals, Laplace-smoothed) gets the k in 0..k_max that maximizes the step's throughput
+    a (recent verifications' accepted / judged proposals, with half a success and half a
+    failure as prior) gets the k in 0..k_max that maximizes the step's throughput
     ``(T + E(a, k) - 1) / t(R + k)``, where E(a, k) = 1 + a + ... + a^k is the expected
     number of tokens its verification emits and t the measured forward time at that many
     rows (`StepCost`). So k shrinks when acceptance is low, and speculation stops when extra
@@ -414,10 +449,15 @@ class Speculator:
         return max(0, min(st.k if self.config.adaptive else self.k_max, remaining))
 
     def choose_k(self, seq: Sequence, k_cap: int, rows: int, tokens: float,
-                 draft_calls: int = 0) -> int:
+                 draft_calls: int = 0, remaining: int | None = None,
+                 running: int = 1) -> int:
         """The k (<= k_cap) that maximizes the step's measured throughput; see the class.
         ``draft_calls``: draft forward passes other sequences already need this step (a
-        sequence asking for more adds the difference, at the draft's measured cost)."""
+        sequence asking for more adds the difference, at the draft's measured cost).
+        ``remaining``: tokens the sequence may still emit; a draft that must first catch up
+        on the sequence's context is only started when the time speculation saves over them
+        repays that catch-up, judged on a plain decode step of all ``running`` sequences
+        (what the steps ahead look like, not this one, which may be mostly a prefill)."""
         if not self.config.adaptive:
             return k_cap
         st = self._state(seq)
@@ -425,9 +465,12 @@ class Speculator:
         if base is None:
             return 0  # measure the plain step first: without it no gain can be judged
         if self.draft is not None and self.draft.seconds is None:
-            return k_cap  # the draft's cost is learned by running it once
+            # Not timed at start (no free block then): learned by running it, for one
+            # sequence (every sequence that starts it pays a catch-up on its context).
+            return 0 if draft_calls else min(2, k_cap)
 
-        def value(k: int, rate: float) -> float | None:
+        def value(k: int, rate: float, rows: int = rows, tokens: float = tokens,
+                  draft_calls: int = draft_calls) -> float | None:
             t = self.cost.time(rows + k)
             if t is None:
                 return None
@@ -435,12 +478,28 @@ class Speculator:
                 t += max(0, k - draft_calls) * (self.draft.seconds or 0.0)
             return (tokens + expected_tokens(rate, k) - 1) / t
 
-        best_k, best = 0, tokens / base
+        plain = tokens / base
+
+        def repaid(k: int, rate: float) -> bool:
+            """Whether the draft's catch-up is repaid over ``remaining`` tokens by the time
+            k proposals save on a plain decode step of the running sequences."""
+            if self.draft is None or remaining is None:
+                return True
+            catch_up = self.draft.catch_up_seconds(seq)
+            if catch_up == 0.0:
+                return True
+            t = self.cost.time(running)
+            v = value(k, rate, running, float(running), 0)
+            if t is None or v is None or v <= running / t:
+                return False
+            return catch_up < remaining * (t / running - 1 / v)
+
+        best_k, best = 0, plain
         for k in range(1, k_cap + 1):
             v = value(k, st.rate)
             if v is not None and v > best * 1.02:  # a clear gain only: timings are noisy
                 best_k, best = k, v
-        if best_k:
+        if best_k and repaid(best_k, st.rate):
             st.idle = 0
             return best_k
         st.idle += 1
@@ -449,7 +508,7 @@ class Speculator:
             st.idle = 0
             k = min(2, k_cap)
             v = value(k, 1.0)
-            if v is not None and v > tokens / base * 1.02:  # it pays if proposals are right
+            if v is not None and v > plain * 1.02 and repaid(k, 1.0):  # pays if they are right
                 return k
         return 0
 
