@@ -11,16 +11,20 @@ Sections (each printed as JSON; all of them written to ``--out``):
   output is identical, the acceptance rate, and the ``bound``: what an oracle that proposes
   exactly the lookup tokens that will be accepted would reach on the same output (tokens
   per step, and the speed-up at the step costs measured in the run).
-* ``draft``: the same with a draft model: ``--draft`` (a model directory), else a draft cut
-  from the target itself (its first ``--draft-layers`` layers, the final norm and the tied
-  head: the best pair this machine has when no quantized backend makes a q4 copy cheaper).
+* ``draft``: the same with a draft model: ``--draft`` (a model directory), or a quantized
+  copy of the target (``--draft-quantize q4``, or ``keep``: a GGUF's own quantization, whose
+  values the f32 target was expanded from), else a draft cut from the target itself (its
+  first ``--draft-layers`` layers, the final norm and the tied head).
 * ``concurrency``: the same tasks at 4 and 16 concurrent requests (speculation should back off
   rather than slow the batch down).
 
-Usage::
+Usage (the runs behind ``benchmarks/results/speculative-*.json``)::
 
-    python benchmarks/bench_speculative.py --backend numpy --repeats 3 \\
-        --out benchmarks/results/speculative.json
+    python benchmarks/bench_speculative.py --backend cpu --quantize f32 \\
+        --draft-quantize keep --repeats 3 --out benchmarks/results/speculative-cpu.json
+    python benchmarks/bench_speculative.py --model gemma-3-270m-q4_k_m.gguf --backend cpu \\
+        --quantize f32 --draft-quantize q4 --repeats 3 --sections rows,draft \\
+        --out benchmarks/results/speculative-gemma3-cpu.json
 """
 
 from __future__ import annotations
