@@ -453,14 +453,29 @@ def generate(model, backend, prompt, raw, system, max_tokens, stop, ignore_eos,
 @click.option("--block-size", type=int, default=None, help="coreml: tokens per KV block [16].")
 @click.option("--num-blocks", type=int, default=None,
               help="coreml: KV blocks in the state [default: max context / block size].")
+@click.option("--draft-head", type=int, default=None, metavar="N",
+              help="Write a speculative-decoding draft whose output head keeps only N "
+                   "tokens (end-of-turn tokens, then the most frequent in --head-corpus).")
+@click.option("--head-corpus", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text whose token frequencies pick --draft-head's tokens "
+                   "(repeatable) [default: the built-in evaluation text].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @_force_flag_wording
 def convert(src, out, target, quantize, group_size, max_context, block_size, num_blocks,
-            force) -> None:
+            draft_head, head_corpus, force) -> None:
     """Convert a GGUF file or a Hugging Face directory into an ondevice model directory,
     or (--to coreml) into a stateful Core ML package with its manifest. SRC may also be a
-    model name (`ondevice list`), pulled into the store on first use."""
+    model name (`ondevice list`), pulled into the store on first use. With --draft-head, the
+    directory is a draft model for `--speculative draft --draft-model OUT`."""
     import os
+
+    if draft_head is None and head_corpus:
+        raise click.UsageError("--head-corpus needs --draft-head")
+    if draft_head is not None:
+        if target != "ondevice":
+            raise click.UsageError("--draft-head writes an ondevice model directory")
+        _convert_draft_head(src, out, quantize, group_size, draft_head, head_corpus, force)
+        return
 
     if not os.path.exists(src):
         from ..default_model import resolve_model
@@ -492,6 +507,50 @@ def convert(src, out, target, quantize, group_size, max_context, block_size, num
         )
     path = run_convert(src, out, quantize=quantize or "keep", group_size=group_size, force=force)
     click.echo(f"wrote {path}")
+
+
+def _convert_draft_head(src, out, quantize, group_size, n, corpus, force) -> None:
+    """``convert --draft-head``: the model (converted first unless it is a model directory
+    kept as it is), then its copy with a trimmed head."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from ..converters import convert as run_convert
+    from ..converters.draft_head import head_token_ids, make_draft_head
+    from ..errors import OndeviceError
+    from ..modeldir import ModelDir
+
+    if os.path.exists(out) and not force:
+        raise OndeviceError(f"{out} exists (use --force to replace it)")
+    from importlib.resources import files
+
+    texts = []
+    for path in corpus or [str(files("ondevice.bench.data") / "builtin.txt")]:
+        if os.path.getsize(path) > 1 << 30:
+            raise OndeviceError(f"{path}: larger than 1 GiB; give a smaller corpus")
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise OndeviceError(f"{path}: not UTF-8 text") from None
+    source = Path(out).with_name(Path(out).name + ".source")
+    try:
+        if os.path.isdir(src) and quantize in (None, "keep"):
+            base = Path(src)
+        else:
+            if not os.path.exists(src):
+                from ..default_model import resolve_model
+
+                src = str(resolve_model(src))
+            base = run_convert(src, source, quantize=quantize or "keep", group_size=group_size,
+                               force=True)
+        md = ModelDir(base)
+        ids = head_token_ids(md.tokenizer, texts, n, md.config.vocab_size)
+        path = make_draft_head(base, out, ids, force=force)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    click.echo(f"wrote {path}: a draft model whose head keeps {n} of "
+               f"{md.config.vocab_size} tokens")
 
 
 @cli.command()

@@ -115,6 +115,9 @@ class Backend(ABC):
                                 f"not {type(options).__name__}")
         self.options = options
         self.config: ModelConfig = model_dir.config
+        # A draft model's trimmed head: the token id of each logits column (None: column i
+        # is token i, the whole vocabulary).
+        self.head_ids: np.ndarray | None = model_dir.draft_head_ids
         self.kv_layout = layout
         self.group_blocks: tuple[int, ...] = counts
         self.num_blocks = counts[0]  # group 0 (full attention): it bounds a sequence's context

@@ -241,6 +241,11 @@ def main() -> None:
                     help="draft = a copy of the target stored as q8 | q4 | keep (a GGUF's own "
                          "quantization), instead of --draft")
     ap.add_argument("--group-size", type=int, default=64, help="group size of --draft-quantize")
+    ap.add_argument("--draft-head", type=int, default=None, metavar="N",
+                    help="trim the draft's output head to N tokens (end-of-turn tokens, then "
+                         "the most frequent in --head-corpus)")
+    ap.add_argument("--head-corpus", action="append", default=None,
+                    help="text file(s) for --draft-head [default: README.md]")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
@@ -311,6 +316,16 @@ def main() -> None:
         else:
             draft_dir = cut_draft(target, args.draft_layers, tmp / "draft")
             what = f"first {args.draft_layers} layers of the target"
+        if args.draft_head:
+            from ondevice.converters.draft_head import head_token_ids, make_draft_head
+
+            corpus = args.head_corpus or [str(Path(__file__).parents[1] / "README.md")]
+            base = ModelDir(draft_dir)
+            ids = head_token_ids(base.tokenizer, [Path(f).read_text() for f in corpus],
+                                 args.draft_head, base.config.vocab_size)
+            draft_dir = make_draft_head(draft_dir, tmp / "draft-head", ids)
+            what += (f", head trimmed to {args.draft_head} tokens (end-of-turn, then by "
+                     f"frequency in {', '.join(Path(f).name for f in corpus)})")
         dmd = ModelDir(draft_dir)
         draft = make_backend(args.draft_backend or args.backend, dmd, num_blocks, block_size)
         spec = SpeculativeConfig(method="draft", draft_model=str(draft_dir),

@@ -137,6 +137,10 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
+    # A draft model's trimmed output head (``ondevice draft-head``): ``lm_head.weight`` holds
+    # the rows of only this many tokens, listed in ``draft_head.json``; the embedding still
+    # covers the whole vocabulary, so the draft reads every token of the context.
+    draft_head_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -185,6 +189,12 @@ class ModelConfig:
                 raise ModelFormatError(f"config.json: {name} must be true or false, got {value!r}")
         if self.sliding_window is not None:
             _check_size("sliding_window", self.sliding_window)
+        if self.draft_head_tokens is not None:
+            _check_size("draft_head_tokens", self.draft_head_tokens)
+            if self.draft_head_tokens > self.vocab_size:
+                raise ModelFormatError(
+                    f"config.json: draft_head_tokens {self.draft_head_tokens} is more than "
+                    f"vocab_size {self.vocab_size}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, list) else [value]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +14,9 @@ from .errors import ModelFormatError
 from .models.llama import weight_specs
 from .quant import dequantize, packed_shape
 from .weights import WeightFiles
+
+DRAFT_HEAD_FILE = "draft_head.json"
+"""Which token each row of a draft model's trimmed head stands for: ``{"token_ids": [...]}``."""
 
 # Tensors some checkpoints carry that the runtime recomputes or does not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -53,7 +57,7 @@ class ModelDir:
         self._quantized: dict[str, tuple[int, int]] = {}
         self._validate()
 
-    def _quant_params(self, prefix: str) -> tuple[int, int]:
+    def quant_params(self, prefix: str) -> tuple[int, int]:
         q = self.config.quantization
         if not q:
             raise ModelFormatError(
@@ -83,7 +87,7 @@ class ModelDir:
         for name, spec in weight_specs(self.config).items():
             prefix = name.removesuffix(".weight")
             if spec.kind in ("embedding", "linear") and prefix + ".scales" in self.weights:
-                gs, bits = self._quant_params(prefix)
+                gs, bits = self.quant_params(prefix)
                 shapes = packed_shape(spec.shape, gs, bits)
                 self._expect(name, shapes["weight"], ("U32",))
                 for part in ("scales", "biases"):
@@ -106,6 +110,34 @@ class ModelDir:
                 f"{self.path}: unexpected tensors {', '.join(sorted(extra)[:3])}{more} "
                 f"for a {self.config.model_type} model"
             )
+
+    @cached_property
+    def draft_head_ids(self) -> np.ndarray | None:
+        """The token id of each row of a draft model's trimmed head (``draft_head.json``,
+        checked: as many unique ids in the vocabulary as ``draft_head_tokens``), or None for
+        a model with a full head."""
+        n = self.config.draft_head_tokens
+        if not n:
+            return None
+        path = self.path / DRAFT_HEAD_FILE
+        try:
+            if path.stat().st_size > 16 * n + 1024:  # digits, comma and space per id
+                raise ModelFormatError(f"{path}: too large for {n} token ids")
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelFormatError(f"{path}: missing (config.json has draft_head_tokens)") \
+                from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
+        ids = data.get("token_ids") if isinstance(data, dict) else None
+        if not isinstance(ids, list) or len(ids) != n or not all(
+                type(i) is int and 0 <= i < self.config.vocab_size for i in ids):
+            raise ModelFormatError(f"{path}: token_ids must be {n} token ids in "
+                                   f"[0, {self.config.vocab_size})")
+        out = np.asarray(ids, dtype=np.int64)
+        if np.unique(out).size != n:
+            raise ModelFormatError(f"{path}: token_ids repeats a token")
+        return out
 
     # -- tensor access ---------------------------------------------------------------------
     def get(self, prefix: str) -> np.ndarray | QuantizedTensor:

@@ -20,6 +20,7 @@ from tiny import tiny_config, tiny_gemma_config, write_model
 
 from ondevice.backends import available_backends, backend_class
 from ondevice.backends.numpy_backend import NumpyBackend
+from ondevice.batch import BatchInput
 from ondevice.engine import Engine
 from ondevice.engine.request import Request, Sequence
 from ondevice.engine.speculative import (
@@ -451,6 +452,152 @@ def test_k_larger_than_the_step_budget_is_refused(model_dir):
         EngineConfig(max_num_batched_tokens=4, speculative=SpeculativeConfig(num_tokens=8))
     with pytest.raises(RequestError, match="max_num_batched_tokens"):
         engine(model_dir, "numpy", spec("prompt_lookup", 8), max_num_batched_tokens=4)
+
+
+# -- drafts with a trimmed head (FR-Spec) ----------------------------------------------------
+
+def _trimmed(md, out, ids):
+    from ondevice.converters.draft_head import make_draft_head
+
+    return ModelDir(make_draft_head(md.path, out, ids))
+
+
+@pytest.fixture(scope="module")
+def head_models(tmp_path_factory):
+    """(full, trimmed, ids) for a tied Llama, a Gemma 3 and a 4-bit Llama: the trimmed head
+    keeps every other token, most frequent first in a small text."""
+    from ondevice.converters.draft_head import rank_tokens
+
+    root = tmp_path_factory.mktemp("heads")
+    out = {}
+    for name, cfg, bits in (("llama", tiny_config(), None), ("gemma", tiny_gemma_config(), None),
+                            ("llama-q4", tiny_config(), 4)):
+        md = ModelDir(write_model(root / name, cfg, bits=bits, group_size=32))
+        order = rank_tokens(md.tokenizer, ["the cat sat on the mat, the end"],
+                            md.config.vocab_size)
+        ids = order[: md.config.vocab_size // 2]
+        out[name] = (md, _trimmed(md, root / f"{name}-head", ids), ids)
+    return out
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_trimmed_head_logits_are_the_full_heads_columns(head_models, name):
+    """On every backend the trimmed draft's logits are the full model's at its token ids."""
+    for full, trimmed, ids in head_models.values():
+        assert trimmed.config.draft_head_tokens == len(ids)
+        assert (trimmed.draft_head_ids == ids).all()
+        groups = _groups(full)
+        tables = [list(range(5 * g, 5 * g + 5)) for g in range(max(groups, default=0) + 1)]
+        batch = BatchInput.build([(list(range(3, 40)), 0, tables if groups else tables[0])],
+                                 8, logits_for=[3], layer_groups=groups)
+        want = backend(name, full).forward(batch)[:, ids]
+        got = backend(name, trimmed).forward(batch)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def _groups(md):
+    layout = backend_class("numpy").default_kv_layout(md.config)
+    return layout.layer_group if layout.num_groups > 1 else ()
+
+
+def test_trimmed_head_draft_keeps_greedy_output(head_models, tmp_path):
+    """A trimmed copy of the target drafts: greedy output unchanged; with every token kept
+    (in another order) it accepts everything, with half of them only tokens it has."""
+    full, trimmed, ids = head_models["llama"]
+    reqs = [(p, GREEDY) for p in repetitive_prompts(full.config.vocab_size, 6)]
+    plain = run_all(engine(full), reqs)
+    perm = np.random.default_rng(0).permutation(full.config.vocab_size)
+    everything = _trimmed(full, tmp_path / "all", perm)
+    eng = engine(full, "numpy", spec("draft", 4), everything)
+    assert run_all(eng, reqs) == plain
+    assert eng.stats()["spec_acceptance_rate"] == 1.0
+    eng = engine(full, "numpy", spec("draft", 4), trimmed)
+    assert run_all(eng, reqs) == plain
+    keep = set(ids.tolist())
+    proposed = []
+    original = eng.spec.draft.propose
+    eng2 = engine(full, "numpy", spec("draft", 4), trimmed)
+
+    def spy(items):
+        out = original.__func__(eng2.spec.draft, items)
+        proposed.extend(t for props, _ in out for t in props)
+        return out
+
+    eng2.spec.draft.propose = spy
+    assert run_all(eng2, reqs) == plain
+    assert proposed and set(proposed) <= keep
+    assert all(p.num_free_blocks == p.num_blocks for p in eng2.spec.draft.kv.pools)
+
+
+def test_trimmed_head_bad_input(head_models, tmp_path):
+    full, trimmed, ids = head_models["llama"]
+    from ondevice.converters.draft_head import make_draft_head
+    from ondevice.errors import ModelFormatError, OndeviceError
+
+    with pytest.raises(RequestError, match="it is a draft model") as err:
+        engine(trimmed)
+    assert "\n" not in str(err.value)
+    for bad, match in ((list(ids[:3]) + [ids[0]], "repeat"),
+                       ([full.config.vocab_size], "ids in"), ([], "ids in")):
+        with pytest.raises(OndeviceError, match=match):
+            make_draft_head(full.path, tmp_path / "x", bad)
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(OndeviceError, match="already has a trimmed"):
+        make_draft_head(trimmed.path, tmp_path / "y", [1, 2])
+    from ondevice.converters.coreml import export_coreml
+
+    with pytest.raises(OndeviceError, match="trimmed output head"):
+        export_coreml(str(trimmed.path), tmp_path / "d.mlpackage")
+    broken = tmp_path / "broken"
+    for text, match in (("{", "not valid JSON"),
+                        (json.dumps({"token_ids": ids.tolist()[:-1]}), "must be"),
+                        (json.dumps({"token_ids": [int(ids[0])] * len(ids)}), "repeats"),
+                        (json.dumps({"token_ids": [-1] + ids.tolist()[1:]}), "must be"),
+                        (" " * (20 * len(ids) + 2000), "too large"), (None, "missing")):
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(trimmed.path, broken)
+        head = broken / "draft_head.json"
+        if text is None:
+            head.unlink()
+        else:
+            head.write_text(text)
+        with pytest.raises(ModelFormatError, match=match) as err:
+            backend("numpy", ModelDir(broken))
+        assert "\n" not in str(err.value)
+
+
+def test_convert_draft_head_cli(model_dir, tmp_path):
+    """``ondevice convert --draft-head N``: a draft directory whose head keeps the
+    end-of-turn tokens and the corpus's most frequent tokens first; flags checked."""
+    from click.testing import CliRunner
+
+    from ondevice.apps.cli import cli
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("zebra zebra zebra quokka quokka")
+    out = tmp_path / "draft"
+    run = CliRunner().invoke
+    r = run(cli, ["convert", str(model_dir.path), "--draft-head", "40", "--head-corpus",
+                  str(corpus), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    draft = ModelDir(out)
+    ids = draft.draft_head_ids.tolist()
+    assert draft.config.draft_head_tokens == 40 and ids[0] in model_dir.tokenizer.eos_token_ids
+    counts = Counter(model_dir.tokenizer.encode(corpus.read_text()))
+    assert set(counts) <= set(ids) and counts[ids[1]] == max(counts.values())
+    eng = engine(model_dir, "numpy", spec("draft", 3), draft)
+    reqs = [(p, GREEDY) for p in repetitive_prompts(model_dir.config.vocab_size, 3)]
+    assert run_all(eng, reqs) == run_all(engine(model_dir), reqs)
+    r = run(cli, ["convert", str(model_dir.path), "--draft-head", "40", "-o", str(out)])
+    assert r.exit_code == 1 and "exists" in r.output
+    r = run(cli, ["convert", str(model_dir.path), "--draft-head", "0", "-o",
+                  str(tmp_path / "z")])
+    assert r.exit_code == 1 and "keeps 1 to" in r.output
+    r = run(cli, ["convert", str(model_dir.path), "--head-corpus", str(corpus), "-o",
+                  str(tmp_path / "z")])
+    assert r.exit_code != 0 and "--head-corpus needs --draft-head" in r.output
+    assert not (tmp_path / "z").exists() and not (tmp_path / "z.source").exists()
 
 
 def test_draft_with_other_vocabulary_is_a_one_line_error(model_dir, tmp_path):

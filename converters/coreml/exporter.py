@@ -318,6 +318,9 @@ def _export_dir(src: Path, out: Path, quantize, max_context, block_size, num_blo
                 force: bool, progress: bool) -> Path:
     model = ModelDir(src)
     try:
+        if model.config.draft_head_tokens:
+            raise ConversionError(f"{src} is a draft model with a trimmed output head; "
+                                  "Core ML exports take a full model")
         opts = ExportOptions.check(model.config, quantize, max_context, block_size, num_blocks,
                                    logits)
         return _export(model, out, opts, force, progress)

@@ -42,6 +42,10 @@ class Engine:
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  enable_prefix_caching: bool = True, model_id: str = "",
                  speculative: SpeculativeConfig | None = None, draft_backend=None):
+        if getattr(backend, "head_ids", None) is not None:
+            raise RequestError(f"this model's output head covers {len(backend.head_ids)} of "
+                               f"{backend.config.vocab_size} tokens: it is a draft model "
+                               "(use it with --speculative draft --draft-model)")
         self.backend = backend
         self.tokenizer = tokenizer
         self.block_size = backend.block_size

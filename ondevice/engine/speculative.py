@@ -187,6 +187,8 @@ class DraftModel:
 
     def __init__(self, backend, *, max_num_batched_tokens: int, context_length: int):
         self.backend = backend
+        self.head_ids = backend.head_ids  # a trimmed head: logits column -> token id
+        self.vocab_size = backend.config.vocab_size
         self.block_size = backend.block_size
         layout = backend.kv_layout
         self.layer_groups = layout.layer_group if layout.num_groups > 1 else ()
@@ -199,23 +201,31 @@ class DraftModel:
         self.num_forwards = 0
         self.seconds: float | None = None  # a draft forward pass (decode rows), averaged
         self.token_seconds: float | None = None  # per token of a catch-up chunk, averaged
-        self._time_one_row()
+        self._time_passes()
 
-    def _time_one_row(self) -> None:
-        """What a one-row draft pass costs, before any decision depends on it: three passes
-        over a scratch sequence, the fastest of the last two (the first pays first-use)."""
+    def _time_passes(self) -> None:
+        """What a one-row draft pass and a catch-up token cost, before any decision depends
+        on them: passes of one row and of a 32-token chunk over a scratch sequence, the
+        fastest of the repeats after the first (which pays first use)."""
         sid = "\0draft-timing"
-        if self.kv.allocate_slots(sid, [0], 1) is None:
+        chunk = 32
+        if self.kv.allocate_slots(sid, [0] * chunk, chunk) is None:
             return
         try:
-            batch = BatchInput.build([([0], 0, self.kv.batch_tables(sid))], self.block_size,
-                                     logits_for=[True], layer_groups=self.layer_groups)
-            times = []
-            for _ in range(3):
-                began = time.perf_counter()
-                self.backend.forward(batch)
-                times.append(time.perf_counter() - began)
-            self.seconds = min(times[1:])
+            tables = self.kv.batch_tables(sid)
+
+            def fastest(tokens: int) -> float:
+                batch = BatchInput.build([([0] * tokens, 0, tables)], self.block_size,
+                                         logits_for=[True], layer_groups=self.layer_groups)
+                times = []
+                for _ in range(3):
+                    began = time.perf_counter()
+                    self.backend.forward(batch)
+                    times.append(time.perf_counter() - began)
+                return min(times[1:])
+
+            self.seconds = fastest(1)
+            self.token_seconds = fastest(chunk) / chunk
         finally:
             self.kv.free(sid)
 
@@ -313,6 +323,10 @@ class DraftModel:
         return self.kv.allocate_slots(sid, toks, take) is not None
 
     def _pick(self, seq: Sequence, st: _DraftState, row: np.ndarray) -> None:
+        if self.head_ids is not None:  # columns of a trimmed head: the rest cannot be drawn
+            full = np.full(self.vocab_size, -np.inf, np.float32)
+            full[self.head_ids] = row
+            row = full
         params = seq.request.params
         context = seq.output_ids + st.props
         if params.is_greedy:

@@ -57,6 +57,8 @@ def weight_specs(config: ModelConfig) -> dict[str, TensorSpec]:
         ):
             specs[p + f"mlp.{name}.weight"] = TensorSpec(shape, "linear")
     specs["model.norm.weight"] = TensorSpec((hidden,), "norm")
+    if c.draft_head_tokens:  # a draft's trimmed head (the full head is the embedding)
+        specs["lm_head.weight"] = TensorSpec((c.draft_head_tokens, hidden), "linear")
     return specs
 
 
@@ -172,7 +174,8 @@ class Gemma3Model:
             )
         embed_w = tensors.get("model.embed_tokens")
         embed = loader.embedding(embed_w)
-        lm_head = loader.tied_lm_head(embed, embed_w)
+        lm_head = linear("lm_head") if c.draft_head_tokens else \
+            loader.tied_lm_head(embed, embed_w)
         return Params(embed, layers, norm("model.norm.weight"), lm_head)
 
     def forward(self, ops, params: Params, batch: BatchInput):

@@ -73,7 +73,9 @@ def weight_specs(config: ModelConfig) -> dict[str, TensorSpec]:
             if c.mlp_bias:
                 specs[p + f"mlp.{name}.bias"] = TensorSpec((shape[0],), "bias")
     specs["model.norm.weight"] = TensorSpec((c.hidden_size,), "norm")
-    if not c.tie_word_embeddings:
+    if c.draft_head_tokens:
+        specs["lm_head.weight"] = TensorSpec((c.draft_head_tokens, c.hidden_size), "linear")
+    elif not c.tie_word_embeddings:
         specs["lm_head.weight"] = TensorSpec((c.vocab_size, c.hidden_size), "linear")
     return specs
 
@@ -160,7 +162,7 @@ class LlamaModel:
             )
         embed_w = tensors.get("model.embed_tokens")
         embed = loader.embedding(embed_w)
-        if c.tie_word_embeddings:
+        if c.tie_word_embeddings and not c.draft_head_tokens:
             lm_head = loader.tied_lm_head(embed, embed_w)
         else:
             lm_head = linear("lm_head", False)
@@ -183,4 +185,5 @@ class LlamaModel:
             m = ops.silu_mul(ops.linear(x, layer.gate_proj), ops.linear(x, layer.up_proj))
             h = ops.add(h, ops.linear(m, layer.down_proj))  # [T, hidden]
         h = ops.take_rows(h, batch.logits_indices)  # only the rows that are sampled
-        return ops.logits(ops.rms_norm(h, params.norm, eps), params.lm_head)  # [R, vocab]
+        # [R, vocab] (a draft head: [R, draft_head_tokens], in draft_head.json's order)
+        return ops.logits(ops.rms_norm(h, params.norm, eps), params.lm_head)
