@@ -514,6 +514,7 @@ def _convert_draft_head(src, out, quantize, group_size, n, corpus, force) -> Non
     kept as it is), then its copy with a trimmed head."""
     import os
     import shutil
+    from importlib.resources import files
     from pathlib import Path
 
     from ..converters import convert as run_convert
@@ -523,8 +524,6 @@ def _convert_draft_head(src, out, quantize, group_size, n, corpus, force) -> Non
 
     if os.path.exists(out) and not force:
         raise OndeviceError(f"{out} exists (use --force to replace it)")
-    from importlib.resources import files
-
     texts = []
     for path in corpus or [str(files("ondevice.bench.data") / "builtin.txt")]:
         if os.path.getsize(path) > 1 << 30:

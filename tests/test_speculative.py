@@ -387,7 +387,9 @@ def test_rule_probes_again_and_learns_from_counts(model_dir):
         sp.cost.observe(r, 0.031)
     seq = _fake_seq(GREEDY, [1, 2, 3])
     st = sp._state(seq)
-    st.count(0, 40, 1.0)  # 40 rejections in a row: rate 1/42
+    assert sp.choose_k(seq, 4, rows=1, tokens=1) >= 1  # new: measured before the prior
+    st.count(0, 40, 1.0)  # 40 rejections in a row
+    st.idle = 0
     ks = [sp.choose_k(seq, 4, rows=1, tokens=1) for _ in range(PROBE_STEPS)]
     assert ks == [0] * (PROBE_STEPS - 1) + [2]
     sp.update(seq, proposed=2, accepted=2, emitted=3)

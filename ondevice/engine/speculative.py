@@ -182,7 +182,9 @@ class DraftModel:
     on the tokens it has not seen before it proposes; after verification it keeps the KV of
     the accepted proposals and drops the rest, like the target. Greedy requests get the
     draft's argmax; sampled ones a draw from the draft's distribution (same sampling
-    parameters), which verification needs as q.
+    parameters), which verification needs as q. A draft with a trimmed head
+    (``ondevice convert --draft-head``) has logits for its listed tokens only: the others
+    get probability 0 in q, so it never proposes them.
     """
 
     def __init__(self, backend, *, max_num_batched_tokens: int, context_length: int):
@@ -348,8 +350,9 @@ class DraftModel:
 
 
 def smoothed(old: float | None, sample: float, rate: float) -> float:
-    """An exponential average of timings that follows a faster sample at once (the first
-    samples pay page faults and cold caches) and a slower one at ``rate`` (a busy machine)."""
+    """An exponential average of timings that moves halfway to a faster sample (the first
+    samples pay page faults and cold caches) and by ``rate`` toward a slower one (a busy
+    machine)."""
     if old is None or sample < old:
         return sample if old is None else old + 0.5 * (sample - old)
     return old + rate * (sample - old)
@@ -397,7 +400,7 @@ class _Adapt:
     hits: float = 0.0  # accepted proposals, older verifications weighted down
     trials: float = 0.0  # proposals judged (a rejection ends a run: later ones are not)
     rate: float = 0.5  # (hits + 1/2) / (trials + 1): the acceptance rate per proposed token
-    idle: int = 0  # steps since it last speculated
+    idle: int = PROBE_STEPS - 1  # steps since it last speculated (new: probe at once)
     cooldown: int = 0
 
     def count(self, hits: int, trials: int, memory: float) -> None:
@@ -418,10 +421,11 @@ class Speculator:
     rows (`StepCost`). So k shrinks when acceptance is low, and speculation stops when extra
     rows cost more than they bring — on a large batch (compute-bound rows) or on a backend
     whose multi-row products are slow. ``max_batch_rows`` caps the rows speculation may add
-    up to. A sequence not speculating forgets its counts (its rate drifts back to 0.5) and
-    every `PROBE_STEPS` steps proposes two tokens if that would pay at full acceptance, so a
-    rule that once saw slow rows or poor proposals looks again. Timings follow a faster
-    sample at once and a slower one gradually (`smoothed`).
+    up to. A new sequence, and one not speculating for `PROBE_STEPS` steps (its counts fade
+    back to the prior meanwhile), proposes two tokens if that would pay at full acceptance,
+    so the rule measures before it trusts the prior, and looks again after slow rows or poor
+    proposals. Timings follow a faster
+    sample quickly and a slower one gradually (`smoothed`).
 
     Seeded sampled requests verified against a draft distribution (`pinned`) cannot take
     timings into account (their random draws depend on k): their k follows their own history
