@@ -23,8 +23,8 @@ Usage (the runs behind ``benchmarks/results/speculative-*.json``)::
     python benchmarks/bench_speculative.py --backend cpu --quantize f32 \\
         --draft-quantize keep --repeats 3 --out benchmarks/results/speculative-cpu.json
     python benchmarks/bench_speculative.py --model gemma-3-270m-q4_k_m.gguf --backend cpu \\
-        --quantize f32 --draft-quantize q4 --repeats 3 --sections rows,draft \\
-        --out benchmarks/results/speculative-gemma3-cpu.json
+        --quantize f32 --draft-quantize q4 --draft-head 32768 --repeats 3 \\
+        --sections rows,draft --out benchmarks/results/speculative-gemma3-cpu.json
 """
 
 from __future__ import annotations
