@@ -137,7 +137,8 @@ def _dot4(wr, xe, xo):
 
 
 @njit(**INLINE)
-def _dot8(wr, xr):
+def _dot(wr, xr):
+    """One row dotted with another: 8-bit codes or float32 weights with an activation row."""
     a = F32(0)
     for i in range(wr.shape[0]):
         a += F32(wr[i]) * xr[i]
@@ -190,7 +191,7 @@ def _group_dot(w, hi, n, xd, x, t, g, bits, gi):
     k0 = gi * g
     half = g // 2
     if bits == 8:
-        return _dot8(w[n, k0:k0 + g], x[t, k0:k0 + g])
+        return _dot(w[n, k0:k0 + g], x[t, k0:k0 + g])
     a = _dot4(w[n, k0 // 2:k0 // 2 + half], xd[t, k0:k0 + half], xd[t, k0 + half:k0 + g])
     if bits != 4:
         hb = g * (bits - 4) // 8  # bytes of high bits per group
@@ -393,13 +394,8 @@ def qgemm(x, w, hi, scales, biases, table, g, bits, y):
                     for v in range(min(4, nr - r)):
                         y[t + u, r0 + r + v] = a[4 * u + v]
         for t in range(t4, t_rows):
-            xt = xd[t]
             for r in range(nr):
-                wr = buf[r]
-                acc = F32(0)
-                for i in range(k):
-                    acc += wr[i] * xt[i]
-                y[t, r0 + r] = acc
+                y[t, r0 + r] = _dot(buf[r], xd[t])
 
 
 @njit(**INLINE)
@@ -417,14 +413,6 @@ def _dot1x4(wr, x, t):
         a2 += p * x2[i]
         a3 += p * x3[i]
     return a0, a1, a2, a3
-
-
-@njit(**INLINE)
-def _dot1(wr, xt):
-    acc = F32(0)
-    for i in range(wr.shape[0]):
-        acc += wr[i] * xt[i]
-    return acc
 
 
 @njit(**PAR)
@@ -453,7 +441,7 @@ def dense_gemm(x, w, y):
                         y[t + u, r + v] = a[4 * u + v]
             for t in range(t4, t_rows):
                 for v in range(4):
-                    y[t, r + v] = _dot1(w[r + v], x[t])
+                    y[t, r + v] = _dot(w[r + v], x[t])
         for r in range(r4, r1):
             wr = w[r]
             for t in range(0, t4, 4):
@@ -461,7 +449,7 @@ def dense_gemm(x, w, y):
                 for u in range(4):
                     y[t + u, r] = a[u]
             for t in range(t4, t_rows):
-                y[t, r] = _dot1(wr, x[t])
+                y[t, r] = _dot(wr, x[t])
 
 
 @njit(**PAR)

@@ -137,8 +137,8 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
-    # A draft model's trimmed output head (``ondevice draft-head``): ``lm_head.weight`` holds
-    # the rows of only this many tokens, listed in ``draft_head.json``; the embedding still
+    # A draft model's trimmed output head (``ondevice convert --draft-head``): ``lm_head``
+    # holds the rows of only this many tokens, listed in ``draft_head.json``; the embedding
     # covers the whole vocabulary, so the draft reads every token of the context.
     draft_head_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
