@@ -8,8 +8,9 @@ into a 4-bit plane and a plane of high bits of the same total size. A decode ste
 those bytes once per matrix (``qgemv``); a prefill chunk (``qgemm``) has each thread
 dequantize 16 rows at a time into a small buffer and multiply every activation row with them.
 The packed path never calls BLAS: OpenBLAS's spinning threads and numba's would fight over
-the cores (3.6x slower end to end, measured). Dense (float32/float16) weights use NumPy's BLAS
-exactly as the ``numpy`` backend does, so this backend serves every model that one does.
+the cores (3.6x slower end to end, measured). Dense (float32/float16) weights are multiplied
+by a numba kernel up to 32 rows (decode, verification) and by NumPy's BLAS beyond (prefill),
+so this backend serves every model the ``numpy`` backend does.
 
 Fusion is done in the loader, not in the model definition: after loading, each layer's
 q/k/v projections (and gate/up) that share a format are concatenated into one matrix, and
@@ -45,7 +46,8 @@ PACKED_BITS = frozenset({4, 5, 6, 8})
 # four. Measured on the default model's matrices (2 threads): 1 row 16.4 vs 25.3 ms, 2 rows
 # 23.7 vs 27.3 ms, 4 rows 44.2 vs 27.5 ms, 16 rows 134 vs 44.5 ms (qgemv vs qgemm).
 GEMV_MAX_ROWS = 2
-# float32 products of 2..this many rows use the numba kernel, not BLAS (see `dense_gemm`).
+# float32 products of up to this many rows use the numba kernel, not BLAS (see `dense_gemm`;
+# one row too: 20.1 against 24.7 ms per f32 decode step, with no BLAS threads to wake).
 DENSE_KERNEL_MAX_ROWS = 32
 NO_HIGH = np.zeros((1, 1), np.uint8)  # 4- and 8-bit weights have no high-bit plane
 
@@ -63,7 +65,7 @@ def physical_cores() -> int:
 
 # -- weight handles ------------------------------------------------------------------------
 class _Dense:
-    """A float32 matrix ``[out, in]`` for NumPy's BLAS."""
+    """A float32 matrix ``[out, in]``: `dense_gemm` up to 32 rows, NumPy's BLAS beyond."""
 
     __slots__ = ("w", "b", "group", "part")
 
@@ -265,9 +267,7 @@ class CpuOps:
     def _product(self, x: np.ndarray, w) -> np.ndarray:
         if isinstance(w, _Dense):
             t = x.shape[0]
-            if t == 1:
-                y = (w.w @ x[0])[None]
-            elif t <= DENSE_KERNEL_MAX_ROWS:
+            if t <= DENSE_KERNEL_MAX_ROWS:
                 y = np.empty((t, w.w.shape[0]), F32)
                 K.dense_gemm(x, w.w, y)
             else:
