@@ -345,6 +345,8 @@ def test_prompt_lookup_proposes_latest_continuation():
     assert pl.propose([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 1, 2, 3], 2) == [5, 6]
     assert pl.propose([1, 2, 3], 4) == []
     assert pl.propose([7, 8, 7], 3) == [8, 7]
+    assert pl.match([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 1, 2, 3], 2) == ([5, 6], 3)
+    assert pl.match([4, 5, 6, 5], 2) == ([6, 5], 1) and pl.match([1, 2], 2) == ([], 0)
 
 
 def test_step_cost_and_expected_tokens():
@@ -357,6 +359,12 @@ def test_step_cost_and_expected_tokens():
     cost.observe(512, 1.0)  # a prefill chunk: rows in between are no longer "free"
     assert cost.time(40) == pytest.approx(0.06 + 0.94 * 31 / 503)
     assert expected_tokens(0.0, 5) == 1 and expected_tokens(1.0, 4) == 5
+    cost.observe(3, 0.2)  # a cold pass: no dearer than the larger counts measured
+    assert cost.time(3) == pytest.approx(0.06) and cost.time(2) == pytest.approx(0.045)
+    noisy = StepCost()
+    noisy.observe(1, 0.030)
+    noisy.observe(2, 0.025)  # two rows measured faster than one: one costs no more
+    assert noisy.time(1) == pytest.approx(0.025) and noisy.time(4) == pytest.approx(0.025)
 
 
 def test_batch_rule_stops_speculation_when_rows_are_expensive(model_dir):
@@ -367,13 +375,11 @@ def test_batch_rule_stops_speculation_when_rows_are_expensive(model_dir):
     for r in range(1, 40):
         sp.cost.observe(r, 0.01 * r)
     seq = _fake_seq(GREEDY, [1, 2, 3])
-    sp._state(seq).rate = 0.5
     assert sp.choose_k(seq, 4, rows=16, tokens=16) == 0
     cheap = engine(model_dir, "numpy", spec("prompt_lookup", 4, adaptive=True)).spec
     cheap.cost.observe(1, 0.03)
     for r in range(2, 10):
         cheap.cost.observe(r, 0.035)
-    cheap._state(seq).rate = 0.5
     assert cheap.choose_k(seq, 4, rows=1, tokens=1) >= 2
 
 
@@ -410,6 +416,33 @@ def test_rule_probes_again_and_learns_from_counts(model_dir):
     assert cost.time(1) < 0.05
     cost.observe(1, 0.300)  # one slow step moves it a little
     assert cost.time(1) < 0.15
+
+
+def test_rule_weighs_lookup_proposals_by_match_length(model_dir):
+    """Prompt-lookup acceptance is counted per n-gram match length, engine-wide and per
+    sequence: after 1-gram matches were mostly wrong and 4-gram matches right, a new
+    sequence speculates after a 4-gram match and not after a 1-gram one, and its own record
+    then outweighs the engine's."""
+    sp = engine(model_dir, "numpy", spec("prompt_lookup", 4, adaptive=True)).spec
+    sp.cost.observe(1, 0.030)
+    for r in range(2, 10):
+        sp.cost.observe(r, 0.030 + 0.006 * (r - 1))
+    old = _fake_seq(GREEDY, [1, 2, 3])
+    for _ in range(20):
+        sp.choose_k(old, 4, rows=1, tokens=1, match=1)
+        sp.update(old, proposed=4, accepted=0, emitted=1)
+        sp.choose_k(old, 4, rows=1, tokens=1, match=4)
+        sp.update(old, proposed=4, accepted=4, emitted=5)
+    new = _fake_seq(GREEDY, [1, 2, 3])
+    new.seq_id = "other"
+    sp._state(new).idle = 0  # past its first probe
+    assert sp.choose_k(new, 4, rows=1, tokens=1, match=1) == 0
+    assert sp.choose_k(new, 4, rows=1, tokens=1, match=4) == 4
+    assert sp.expected(new, 4) > 4.0
+    for _ in range(12):  # this sequence's 4-gram matches are wrong
+        sp.choose_k(new, 4, rows=1, tokens=1, match=4)
+        sp.update(new, proposed=1, accepted=0, emitted=1)
+    assert sp.choose_k(new, 4, rows=1, tokens=1, match=4) == 0
 
 
 def test_draft_catch_up_must_be_repaid(model_dir):

@@ -279,10 +279,11 @@ class Engine:
                 cap = min(spec.k_max, remaining, spare)
                 if cap <= 0:
                     continue
-                props = spec.lookup.propose(seq.token_ids, cap) if spec.lookup else None
+                props, match = spec.lookup.match(seq.token_ids, cap) if spec.lookup \
+                    else (None, -1)
                 cap = len(props) if props is not None else cap
                 k = spec.choose_k(seq, cap, rows, tokens, draft_calls, remaining,
-                                  len(running)) if cap else 0
+                                  len(running), match) if cap else 0
             if k <= 0:
                 continue
             plan[seq] = ((spec.lookup.propose(seq.token_ids, k) if pinned else props[:k])
