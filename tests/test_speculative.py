@@ -349,6 +349,25 @@ def test_prompt_lookup_proposes_latest_continuation():
     assert pl.match([4, 5, 6, 5], 2) == ([6, 5], 1) and pl.match([1, 2], 2) == ([], 0)
 
 
+def test_prompt_lookup_index_kept_across_steps_matches_a_full_scan():
+    """A sequence's n-gram index, extended as its tokens grow, proposes exactly what a scan
+    of the whole context for the latest earlier occurrence of the longest n-gram does."""
+    def scan(ids, k, n_min, n_max):
+        for n in range(min(n_max, len(ids) - 1), n_min - 1, -1):
+            ends = [e for e in range(n - 1, len(ids) - 1) if ids[e + 1 - n:e + 1] == ids[-n:]]
+            if ends:
+                return ids[ends[-1] + 1:ends[-1] + 1 + k], n
+        return [], 0
+
+    rng = np.random.default_rng(3)
+    for n_min, n_max in [(1, 4), (2, 3), (3, 5)]:
+        pl = PromptLookup(n_min, n_max)
+        ids = rng.integers(0, 5, 150).tolist()
+        index = pl.index()
+        for length in range(1, len(ids) + 1):
+            assert pl.match(ids[:length], 4, index) == scan(ids[:length], 4, n_min, n_max)
+
+
 def test_step_cost_and_expected_tokens():
     cost = StepCost()
     assert cost.time(3) is None

@@ -272,22 +272,21 @@ class Engine:
                             self.context_limit - len(seq.token_ids)) - 1
             if remaining <= 0:
                 continue
-            pinned = spec.pinned(seq)
+            pinned = spec.pinned(seq)  # (only draft-model sequences are)
+            props: list[int] | None = None
             if pinned:
                 k = spec.pinned_k(seq, remaining)
             else:
                 cap = min(spec.k_max, remaining, spare)
                 if cap <= 0:
                     continue
-                props, match = spec.lookup.match(seq.token_ids, cap) if spec.lookup \
-                    else (None, -1)
+                props, match = spec.lookup_match(seq, cap) if spec.lookup else (None, -1)
                 cap = len(props) if props is not None else cap
                 k = spec.choose_k(seq, cap, rows, tokens, draft_calls, remaining,
                                   len(running), match) if cap else 0
             if k <= 0:
                 continue
-            plan[seq] = ((spec.lookup.propose(seq.token_ids, k) if pinned else props[:k])
-                         if spec.lookup else [0] * k, pinned)
+            plan[seq] = (props[:k] if props is not None else [0] * k, pinned)
             if not pinned:
                 rows += k
                 spare -= k
