@@ -32,17 +32,23 @@ from numba.extending import intrinsic, overload
 
 from ..settings import home_dir
 
-# Threads that wait for the next parallel region sleep instead of spinning. Measured on the
-# shared 2-core machine (load ~12): decode 45 ms/token passive against 430-770 ms with
-# libgomp spinning (default or GOMP_SPINCOUNT=20000), since a spinning worker takes the
-# core the Python thread needs. Read by libgomp when numba first starts its thread pool.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# ...but not at once: a worker first spins this many rounds. Waking a sleeping worker cost
-# 52 us per parallel region (2.8 us spinning), and a forward pass runs over 150 of them
-# back to back (a few us of Python apart): passive alone, a q4 decode step of the default
-# model took 15.7 ms against 11.1 ms with this, and f32 28.6 against 20.1 ms. With four
-# busy processes on the two cores it was no slower than passive (44-76 against 41-63 ms).
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+# libgomp's settings for numba's worker threads, read when numba first starts its pool:
+# - OMP_WAIT_POLICY=PASSIVE: a worker waiting for the next parallel region sleeps instead of
+#   spinning for long. Measured on the shared 2-core machine (load ~12): decode 45 ms/token
+#   passive against 430-770 ms with libgomp spinning (default or GOMP_SPINCOUNT=20000),
+#   since a spinning worker takes the core the Python thread needs.
+# - GOMP_SPINCOUNT=3000: ...but it spins that many rounds first. Waking a sleeping worker
+#   cost 52 us per parallel region (2.8 us spinning), and a forward pass runs over 150 of
+#   them a few us of Python apart: passive alone, a q4 decode step of the default model took
+#   15.7 ms against 11.1 ms with this, and f32 28.6 against 20.1 ms. With four busy
+#   processes on the two cores it was no slower than passive (44-76 against 41-63 ms).
+# A value the user set wins. These apply to every OpenMP runtime in the process (llama.cpp
+# too), so `ondevice bench` runs its llama.cpp peer in a child process without the ones set
+# here (THREAD_ENV_SET).
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
+THREAD_ENV_SET = tuple(name for name in THREAD_ENV if name not in os.environ)
+for _name in THREAD_ENV_SET:
+    os.environ[_name] = THREAD_ENV[_name]
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
     # Read when each cached function is first compiled or loaded, so setting it here (before

@@ -96,6 +96,24 @@ def test_bench_report_schema_and_sane_figures(bench_report, tiny_model_dir):
     assert "numpy-f32" in printed and "numpy-q4" in printed
 
 
+def test_llama_cpp_peer_runs_in_a_child_without_our_thread_settings(tmp_path):
+    """The cpu backend's libgomp settings would slow llama.cpp's OpenMP threads down (40
+    against 125 tok/s here): the peer runs in a child process whose environment lacks the
+    ones this process set, and its answer (a failure: no such file, or llama-cpp-python is
+    not installed) comes back whole."""
+    from ondevice.backends import cpu_kernels
+    from ondevice.bench import peers
+
+    for name in cpu_kernels.THREAD_ENV_SET:
+        assert name in peers.os.environ and name not in peers.peer_env()
+    bogus = tmp_path / "missing.gguf"
+    out = peers.run_llama_cpp(bogus, [1, 2, 3], 2, 1, 1)
+    assert out["name"] == "llama.cpp" and out["status"] in ("failed", "not installed")
+    assert out["reason"] and "omp_env" in out  # from the child
+    for name in cpu_kernels.THREAD_ENV_SET:
+        assert out["omp_env"][name] is None
+
+
 def test_bench_peers_and_ratios_from_measured_values(bench_report):
     report, _, printed = bench_report
     peers = {(p["name"], p.get("quantize")): p for p in report["peers"]}

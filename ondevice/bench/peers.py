@@ -7,13 +7,22 @@ Each peer gets the same prompt token ids, generates the same number of tokens gr
 end-of-sequence ignored, and is timed with the same stopwatch as ours: prefill = submission
 to first token, decode = later tokens over the time from the first to the last. The peer's
 own reported figures are kept next to ours where it has them.
+
+llama.cpp runs in a child process with the environment it would have on its own: the
+``cpu`` backend sets libgomp's wait policy for numba's threads in this process, and
+llama.cpp's OpenMP threads would take it too (with ``OMP_WAIT_POLICY=PASSIVE`` it decoded
+the default model at 40 tok/s here, against 125 with its defaults).
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,15 +94,42 @@ def llama_cpp_once(llm, prompt: list[int], gen: int) -> dict:
     return {**_timed(stamps, t0, len(prompt)), **_llama_perf(llm), "tokens": tokens}
 
 
+def peer_env() -> dict[str, str]:
+    """This process's environment without the variables the ``cpu`` backend set for its own
+    threads (`THREAD_ENV_SET`): what a peer would have run with on its own."""
+    kernels = sys.modules.get("ondevice.backends.cpu_kernels")
+    ours = set(getattr(kernels, "THREAD_ENV_SET", ()))
+    return {k: v for k, v in os.environ.items() if k not in ours}
+
+
 def run_llama_cpp(gguf: Path | None, prompt: list[int], gen: int, threads: int,
                   repeats: int) -> dict:
-    """llama.cpp on ``gguf`` with ``threads`` threads (prefill and decode)."""
-    missing = _missing("llama.cpp", "llama_cpp", "llama-cpp-python")
-    if missing:
-        return missing
+    """llama.cpp on ``gguf`` with ``threads`` threads (prefill and decode), in a child
+    process with `peer_env` (its peak RSS is its own)."""
     if gguf is None:
         return {"name": "llama.cpp", "status": "not run",
                 "reason": "the model has no GGUF file to give llama.cpp (pass --model FILE.gguf)"}
+    job = json.dumps({"gguf": str(gguf), "prompt": prompt, "gen": gen, "threads": threads,
+                      "repeats": repeats})
+    try:
+        done = subprocess.run([sys.executable, "-m", "ondevice.bench.peers"], input=job,
+                              capture_output=True, text=True, env=peer_env(), timeout=3600)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"name": "llama.cpp", "status": "failed",
+                    "reason": f"child exited with {done.returncode}: {tail}"}
+        return json.loads(lines[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError) as err:
+        return {"name": "llama.cpp", "status": "failed", "reason": f"{type(err).__name__}: {err}"}
+
+
+def _llama_cpp_here(gguf: Path, prompt: list[int], gen: int, threads: int,
+                    repeats: int) -> dict:
+    """The llama.cpp runs themselves, in this process (the child of `run_llama_cpp`)."""
+    missing = _missing("llama.cpp", "llama_cpp", "llama-cpp-python")
+    if missing:
+        return missing
     try:
         import llama_cpp
 
@@ -207,3 +243,13 @@ def run_peers(s, paths: dict[str, Path], gguf: Path | None, threads: int,
         out.append(run_mlx_lm(path, q, prompt, s.gen_tokens, s.repeats))
         tick(f"mlx-lm-{q}")
     return out
+
+
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+
+if __name__ == "__main__":  # the llama.cpp child: a JSON job on stdin, the result on stdout
+    _job = json.loads(sys.stdin.read())
+    _result = _llama_cpp_here(Path(_job["gguf"]), _job["prompt"], _job["gen"],
+                              _job["threads"], _job["repeats"])
+    _result["omp_env"] = {k: os.environ.get(k) for k in OMP_VARIABLES}  # what it ran with
+    print(json.dumps(_result))
