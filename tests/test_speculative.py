@@ -24,6 +24,7 @@ from ondevice.batch import BatchInput
 from ondevice.engine import Engine
 from ondevice.engine.request import Request, Sequence
 from ondevice.engine.speculative import (
+    COLD_SAMPLES,
     PROBE_STEPS,
     PromptLookup,
     StepCost,
@@ -380,6 +381,10 @@ def test_step_cost_and_expected_tokens():
     assert expected_tokens(0.0, 5) == 1 and expected_tokens(1.0, 4) == 5
     cost.observe(3, 0.2)  # a cold pass: no dearer than the larger counts measured
     assert cost.time(3) == pytest.approx(0.06) and cost.time(2) == pytest.approx(0.045)
+    cold = StepCost()
+    for sample, expected in ((0.1, 0.1), (0.03, 0.03), (0.05, 0.03), (0.05, 0.036)):
+        cold.observe(1, sample)  # the fastest of the first COLD_SAMPLES, then an average
+        assert cold.time(1) == pytest.approx(expected)
     noisy = StepCost()
     noisy.observe(1, 0.030)
     noisy.observe(2, 0.025)  # two rows measured faster than one: one costs no more
@@ -474,16 +479,34 @@ def test_draft_catch_up_must_be_repaid(model_dir):
     sp.cost.observe(1, 0.030)
     for r in range(2, 10):
         sp.cost.observe(r, 0.031)
-    sp.cost.observe(16, 0.100)
     for r in range(17, 21):
         sp.cost.observe(r, 0.130)
     sp.cost.observe(512, 1.0)
     seq = _fake_seq(GREEDY, [1, 2, 3])  # 4 tokens to catch up on: 0.04 s
+    # Not before the plain step is measured COLD_SAMPLES times (its first sample is cold).
+    assert sp.choose_k(seq, 4, rows=1, tokens=1, remaining=100) == 0
+    for _ in range(COLD_SAMPLES - 1):
+        sp.cost.observe(1, 0.030)
+    for _ in range(COLD_SAMPLES):
+        sp.cost.observe(16, 0.100)
     assert sp.choose_k(seq, 4, rows=1, tokens=1, remaining=100) == 1
     assert sp.choose_k(seq, 4, rows=1, tokens=1, remaining=1) == 0
     assert sp.choose_k(seq, 4, rows=512, tokens=1, remaining=100, running=16) == 0
     sp.draft.computed[seq.seq_id] = len(seq.token_ids)  # caught up: this step alone counts
     assert sp.choose_k(seq, 4, rows=512, tokens=1, remaining=100, running=16) >= 1
+    # A probe (the rule declined: poor acceptance) must repay its catch-up within
+    # PROBE_STEPS tokens, not over all remaining ones: 40 tokens behind (0.4 s) it is not
+    # made, 4 tokens behind it is.
+    far = _fake_seq(GREEDY, list(range(1, 40)))
+    far.seq_id = "far"
+    for behind, probes in ((40, False), (4, True)):
+        sp.draft.computed[far.seq_id] = len(far.token_ids) - behind
+        st = sp._state(far)
+        st.hits, st.trials = 0.0, 40.0
+        st.idle = 0
+        ks = [sp.choose_k(far, 4, rows=1, tokens=1, remaining=100)
+              for _ in range(PROBE_STEPS)]
+        assert ks == [0] * (PROBE_STEPS - 1) + [2 if probes else 0]
 
 
 @pytest.mark.parametrize("kw, match", [

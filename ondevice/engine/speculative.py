@@ -404,6 +404,12 @@ def smoothed(old: float | None, sample: float, rate: float) -> float:
     return old + rate * (sample - old)
 
 
+COLD_SAMPLES = 3
+"""A row count's time is the fastest of its first this-many samples, then an average: the
+first decode step after a prefill took 47 ms against 19 ms for the next ones (default
+model, f32, `cpu`), and halfway to 19 would still have made a q4 draft look worth starting."""
+
+
 class StepCost:
     """Measured forward-pass seconds by number of query rows (exponential averages), so that
     the choice of k uses this backend's real cost of extra rows, not an assumption.
@@ -419,11 +425,17 @@ class StepCost:
     def __init__(self, smoothing: float = 0.3):
         self.smoothing = smoothing
         self.seconds: dict[int, float] = {}
+        self.samples: dict[int, int] = {}
         self._rows: list[int] = []  # measured counts, ascending
         self._low: list[float] = []  # their times, each at most any larger count's
 
     def observe(self, rows: int, seconds: float) -> None:
-        self.seconds[rows] = smoothed(self.seconds.get(rows), seconds, self.smoothing)
+        n = self.samples[rows] = self.samples.get(rows, 0) + 1
+        old = self.seconds.get(rows)
+        if old is not None and n <= COLD_SAMPLES:  # the fastest of the first few samples
+            self.seconds[rows] = min(old, seconds)
+        else:
+            self.seconds[rows] = smoothed(old, seconds, self.smoothing)
         self._rows = sorted(self.seconds)
         self._low = [self.seconds[r] for r in self._rows]
         for i in range(len(self._low) - 2, -1, -1):
@@ -587,19 +599,21 @@ class Speculator:
 
         plain = tokens / base
 
-        def repaid(k: int, rate: float) -> bool:
-            """Whether the draft's catch-up is repaid over ``remaining`` tokens by the time
-            k proposals save on a plain decode step of the running sequences."""
-            if self.draft is None or remaining is None:
+        def repaid(k: int, rate: float, tokens_ahead: int | None = remaining) -> bool:
+            """Whether the draft's catch-up is repaid over ``tokens_ahead`` tokens by the
+            time k proposals save on a plain decode step of the running sequences."""
+            if self.draft is None or tokens_ahead is None:
                 return True
             catch_up = self.draft.catch_up_seconds(seq)
             if catch_up == 0.0:
                 return True
+            if self.cost.samples.get(running, 0) < COLD_SAMPLES:
+                return False  # not before the plain step it is judged on is known
             t = self.cost.time(running)
             v = value(k, rate, running, float(running), 0)
             if t is None or v is None or v <= running / t:
                 return False
-            return catch_up < remaining * (t / running - 1 / v)
+            return catch_up < tokens_ahead * (t / running - 1 / v)
 
         rate = self._rate(st)
         best_k, best = 0, plain
@@ -618,7 +632,11 @@ class Speculator:
             st.idle = 0
             k = min(2, k_cap)
             v = value(k, 1.0)
-            if v is not None and v > plain * CLEAR_GAIN and repaid(k, 1.0):  # if all right
+            # If all right; and a draft's catch-up must pay within the probe's own horizon,
+            # since the rule may decline again after it (probes behind by 17 tokens had
+            # slowed a q4 draft of the default model down to 0.86x).
+            ahead = min(remaining, PROBE_STEPS) if remaining is not None else None
+            if v is not None and v > plain * CLEAR_GAIN and repaid(k, 1.0, ahead):
                 return k
         return 0
 
