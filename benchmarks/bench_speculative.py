@@ -281,6 +281,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.system()}, shared 2-core VM",
         "model": target.name, "quantize": args.quantize, "backend": args.backend, "max_tokens": args.max_tokens,
         "repeats": args.repeats, "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
 
     def emit(key, value):
