@@ -94,6 +94,9 @@ def llama_cpp_once(llm, prompt: list[int], gen: int) -> dict:
     return {**_timed(stamps, t0, len(prompt)), **_llama_perf(llm), "tokens": tokens}
 
 
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")  # in the report
+
+
 def peer_env() -> dict[str, str]:
     """This process's environment without the variables the ``cpu`` backend set for its own
     threads (`THREAD_ENV_SET`): what a peer would have run with on its own."""
@@ -244,8 +247,6 @@ def run_peers(s, paths: dict[str, Path], gguf: Path | None, threads: int,
         tick(f"mlx-lm-{q}")
     return out
 
-
-OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 if __name__ == "__main__":  # the llama.cpp child: a JSON job on stdin, the result on stdout
     _job = json.loads(sys.stdin.read())
