@@ -45,9 +45,10 @@ class BackendTraits:
 # slower than the GPU (Apple's Core ML Llama 3.1 8B int4 write-up reports ~33 tok/s on an
 # M1 Max, ~0.35 of its 400 GB/s at 4.5 bits per weight) but at the least energy.
 # The cpu backend keeps quantized weights packed (backends/cpu_backend.py), so it plans for the
-# stored bytes; its kernels reached 8-12% of the q4 bandwidth ceiling on the loaded 2-core
-# machine (benchmarks/results/cpu.json), so the default is conservative until
-# `ondevice devices --calibrate` measures it.
+# stored bytes; its kernels reached 19-21% of the q4 bandwidth ceiling on the quiet 2-core
+# machine (benchmarks/results/cpu.json; 91% at f32, benchmarks/results/gemma3.json) and half
+# that under load, so the default is conservative until `ondevice devices --calibrate`
+# measures it.
 TRAITS: dict[tuple[str, str], BackendTraits] = {
     ("cpu", "cpu"): BackendTraits("cpu", "stored", 4, 0.15, 0.2, 3),
     ("numpy", "cpu"): BackendTraits("cpu", "dense_f32", 4, 0.6, 0.5, 3),
