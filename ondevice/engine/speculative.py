@@ -583,6 +583,9 @@ class Speculator:
         base = self.cost.time(rows)
         if base is None:
             return 0  # measure the plain step first: without it no gain can be judged
+        if self.draft is not None and self.draft.behind(seq) \
+                and self.cost.samples.get(running, 0) < COLD_SAMPLES:
+            return 0  # no catch-up before the plain step it is judged on is known
         if self.draft is not None and self.draft.seconds is None:
             # Not timed at start (no free block then): learned by running it, for one
             # sequence (every sequence that starts it pays a catch-up on its context).
@@ -607,8 +610,6 @@ class Speculator:
             catch_up = self.draft.catch_up_seconds(seq)
             if catch_up == 0.0:
                 return True
-            if self.cost.samples.get(running, 0) < COLD_SAMPLES:
-                return False  # not before the plain step it is judged on is known
             t = self.cost.time(running)
             v = value(k, rate, running, float(running), 0)
             if t is None or v is None or v <= running / t:
@@ -633,8 +634,10 @@ class Speculator:
             k = min(2, k_cap)
             v = value(k, 1.0)
             # If all right; and a draft's catch-up must pay within the probe's own horizon,
-            # since the rule may decline again after it (probes behind by 17 tokens had
-            # slowed a q4 draft of the default model down to 0.86x).
+            # since the rule may decline again after it. Probes 17 tokens behind had slowed
+            # a q4 draft of the default model to 0.86x, and judging a sequence's first probe
+            # over all its remaining tokens to 0.88-0.91x (one whole-prompt catch-up each),
+            # while it won only 1.06x with the full-head q4 draft of Gemma 3.
             ahead = min(remaining, PROBE_STEPS) if remaining is not None else None
             if v is not None and v > plain * CLEAR_GAIN and repaid(k, 1.0, ahead):
                 return k
